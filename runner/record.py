@@ -1,0 +1,83 @@
+"""What a job leaves on disk: PNGs, its result rows and its sigma schedule.
+
+Every file is written under a temporary name in the same directory and then renamed, so a reader (or a
+killed process) never sees a torn file.
+"""
+
+import hashlib
+import io
+import json
+import os
+import tempfile
+from pathlib import Path
+
+ROWS_FILE = "rows.parquet"
+SCHEDULE_FILE = "schedule.csv"
+IMAGES_DIR = "images"
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def png_bytes(image, parameters: dict) -> bytes:
+    """A PNG with the generation parameters in text chunks: `parameters` (A1111's format) and `runner` (JSON)."""
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", a1111_parameters(parameters))
+    info.add_text("runner", json.dumps(parameters, sort_keys=True, default=str))
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def a1111_parameters(p: dict) -> str:
+    """The one-line summary that A1111 and most image viewers read from PNGs."""
+    lines = [p.get("prompt", "")]
+    if p.get("negative_prompt"):
+        lines.append(f"Negative prompt: {p['negative_prompt']}")
+    lines.append(f"Steps: {p['steps']}, Sampler: {p['scheduler']}, CFG scale: {p['guidance']}, Seed: {p['seed']}, "
+                 f"Size: {p['width']}x{p['height']}, Model: {p['model']}")
+    return "\n".join(lines)
+
+
+def save_image(job_dir: Path, name: str, image, parameters: dict) -> tuple[str, str]:
+    """Write one image; returns its path relative to the job dir and the sha256 of the file's bytes."""
+    data = png_bytes(image, parameters)
+    relative = f"{IMAGES_DIR}/{name}.png"
+    atomic_write_bytes(Path(job_dir) / relative, data)
+    return relative, hashlib.sha256(data).hexdigest()
+
+
+def dataframe_bytes(df, fmt: str) -> bytes:
+    buffer = io.BytesIO()
+    if fmt == "parquet":
+        df.to_parquet(buffer, index=False)
+    else:
+        df.to_csv(buffer, index=False)
+    return buffer.getvalue()
+
+
+def write_table(path: Path, rows) -> None:
+    """Rows (a list of dicts or a DataFrame) to parquet or CSV, by the file's suffix."""
+    import pandas as pd
+
+    df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
+    for column in df.columns[df.dtypes == object]:
+        # A refused point can hold what the user typed (steps=abc) beside numbers: store such a column as text.
+        kinds = {type(v) for v in df[column] if v is not None and v == v}
+        if len(kinds) > 1:
+            df[column] = [None if v is None or v != v else str(v) for v in df[column]]
+    atomic_write_bytes(Path(path), dataframe_bytes(df, Path(path).suffix.lstrip(".")))
