@@ -1,0 +1,53 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Tests never touch the network: hub ids must resolve from the local cache or fail clearly.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import runner  # noqa: E402  (registers the config resolvers)
+
+REPO = Path(runner.__file__).resolve().parent.parent
+CONF_DIR = REPO / "conf"
+
+
+def compose_config(*overrides, hydra_config=False):
+    """The config a user's command line composes, through Hydra's compose API."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
+
+
+def run_cli(*args, cwd, timeout=300, env=None):
+    """`python -m runner ARGS` as a user types it."""
+    full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=full_env)
+
+
+def run_job_in(tmp_path, *overrides):
+    """Compose, check and run one job into tmp_path (no CLI); returns its rows."""
+    from runner.job import run_spec
+    from runner.spec import make_spec
+
+    spec = make_spec(compose_config(*overrides, "sampling.progress=false"))
+    context = {"job_dir": str(tmp_path), "sweep_dir": "", "job_num": 0, "overrides": " ".join(overrides),
+               "config_hash": "test"}
+    return run_spec(spec, Path(tmp_path), context)
+
+
+def read_png(path) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture
+def compose():
+    return compose_config
