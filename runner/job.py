@@ -44,6 +44,9 @@ def run(cfg: DictConfig) -> str:
     total = os.environ.get(SWEEP_SIZE_ENV, "?") if multirun else "1"
     log.info(f"[{context['job_num'] + 1}/{total}] {context['overrides'] or '(defaults)'}")
 
+    if finished(job_dir, context["config_hash"]):
+        log.info("  already done (same config, every image ok): skipped")
+        return "ok"
     try:
         spec = make_spec(cfg)
     except ConfigError as err:
@@ -61,6 +64,18 @@ def run(cfg: DictConfig) -> str:
         print(f"error: {failed[0]['error']} (details in {job_dir})", file=sys.stderr)
         sys.exit(1)
     return "failed" if failed else "ok"
+
+
+def finished(job_dir: Path, config_hash: str) -> bool:
+    """Whether this job dir already holds every image of this exact config (so a re-run sweep skips it)."""
+    import pandas as pd
+
+    rows_file = job_dir / ROWS_FILE
+    if not rows_file.is_file():
+        return False
+    rows = pd.read_parquet(rows_file)
+    return (len(rows) > 0 and (rows["status"] == "ok").all() and (rows["config_hash"] == config_hash).all()
+            and all((job_dir / p).is_file() for p in rows["image_path"]))
 
 
 def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
