@@ -1,0 +1,129 @@
+"""Config composition (Hydra compose API) and the checks that run before any model loads."""
+
+import pytest
+
+from conftest import CONF_DIR, compose_config
+from runner.schedulers import build_scheduler
+from runner.spec import ConfigError, make_spec
+
+
+def options(group):
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def test_every_group_has_its_options():
+    assert options("scheduler") == sorted(["default", "ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "heun",
+                                           "dpmpp_2m", "dpmpp_2m_karras", "unipc"])
+    assert options("precision") == ["auto", "bf16", "fp16", "fp32"]
+    assert {"tiny-sd", "tiny-ddpm", "ddpm-cat-256", "sd-v1-4", "sd-v1-5", "sd-2-1"} <= set(options("model"))
+    assert options("sampling") == ["default"]
+
+
+def test_defaults():
+    cfg = compose_config()
+    assert (cfg.model.name, cfg.scheduler.name, cfg.precision.name) == ("tiny-sd", "default", "auto")
+    assert cfg.negative_prompt == "" and cfg.seed == 0 and cfg.device == "auto"
+
+
+@pytest.mark.parametrize("option", options("scheduler"))
+def test_scheduler_options_build_their_class_from_the_model_config(option):
+    import diffusers
+
+    spec = make_spec(compose_config(f"scheduler={option}"))
+    model_config = diffusers.DDPMScheduler.load_config(spec.name_or_path, subfolder="scheduler")
+    scheduler = build_scheduler(model_config, spec.scheduler_class, spec.scheduler_kwargs)
+    expected = compose_config(f"scheduler={option}").scheduler.class_name or model_config["_class_name"]
+    assert type(scheduler).__name__ == expected
+    # betas and prediction type carry over from the model
+    assert scheduler.config.beta_schedule == model_config["beta_schedule"]
+    assert scheduler.config.prediction_type == model_config.get("prediction_type", "epsilon")
+    assert spec.scheduler == option  # the option name, as typed
+
+
+def test_scheduler_kwargs_override_from_the_command_line():
+    spec = make_spec(compose_config("scheduler=euler", "scheduler.kwargs.timestep_spacing=trailing",
+                                    "scheduler.kwargs.use_karras_sigmas=true", "+scheduler.kwargs.sigma_min=0.1"))
+    assert spec.scheduler_kwargs == {"timestep_spacing": "trailing", "use_karras_sigmas": True, "sigma_min": 0.1}
+    karras = spec.scheduler_kwargs
+    import diffusers
+
+    model_config = diffusers.DDPMScheduler.load_config(spec.name_or_path, subfolder="scheduler")
+    assert build_scheduler(model_config, spec.scheduler_class, karras).config.use_karras_sigmas is True
+
+
+@pytest.mark.parametrize("option,dtype", [("auto", "fp32"), ("fp32", "fp32"), ("bf16", "bf16")])
+def test_precision_options_on_cpu(option, dtype):
+    assert make_spec(compose_config(f"precision={option}", "device=cpu")).dtype == dtype
+
+
+@pytest.mark.parametrize("model,family,size", [("tiny-sd", "text-to-image", 64), ("tiny-ddpm", "unconditional", 32)])
+def test_embedded_models_family_and_native_size(model, family, size):
+    spec = make_spec(compose_config(f"model={model}"))
+    assert (spec.family, spec.height, spec.width) == (family, size, size)
+    assert spec.model_revision.startswith("local-")
+
+
+@pytest.mark.parametrize("model", ["ddpm-cat-256", "sd-v1-4", "sd-v1-5", "sd-2-1"])
+def test_hub_models_compose_and_fail_clearly_offline(model):
+    cfg = compose_config(f"model={model}")
+    assert "/" in cfg.model.name_or_path
+    with pytest.raises(ConfigError, match="model.name_or_path=.*hub"):
+        make_spec(cfg)
+
+
+@pytest.mark.parametrize("experiment,axes", [("scheduler_shootout", {"scheduler", "steps"}),
+                                             ("guidance_ladder", {"guidance"}), ("steps_ladder", {"scheduler", "steps"})])
+def test_experiments_compose_as_sweeps(experiment, axes):
+    cfg = compose_config(f"experiment={experiment}", hydra_config=True)
+    assert set(cfg.hydra.sweeper.params) == axes
+    assert list(cfg.seed) == [0, 1]
+    if experiment == "guidance_ladder":
+        assert cfg.scheduler.name == "dpmpp_2m"
+
+
+def test_seed_and_prompt_lists():
+    spec = make_spec(compose_config("seed=[3,4,5]", "prompt=[a cat,a dog]"))
+    assert spec.seeds == (3, 4, 5) and spec.prompts == ("a cat", "a dog")
+    assert make_spec(compose_config("seed=0")).seeds == (0,)  # seed 0 is a seed
+
+
+@pytest.mark.parametrize("override,key,allowed", [
+    ("guidance=-1", "guidance", ">= 0"),
+    ("guidance=abc", "guidance", ">= 0"),
+    ("steps=0", "steps", ">= 1"),
+    ("height=60", "height", "multiple of 8"),
+    ("width=-64", "width", "multiple of 8"),
+    ("seed=-1", "seed", "0..2^63-1"),
+    (f"seed={2**63}", "seed", "0..2^63-1"),
+    ("seed=[]", "seed", "non-empty"),
+    ("prompt=[]", "prompt", "non-empty"),
+    ("precision=fp16", "precision", "precision=fp32"),
+    ("device=tpu", "device", "auto | cpu | cuda"),
+    ("strength=1.5", "strength", "(0, 1]"),
+    ("init_image=/no/such.png", "init_image", "existing image"),
+    ("model.name_or_path=/no/such/dir", "model.name_or_path", "does not exist"),
+    ("scheduler.class_name=os.system", "scheduler.class_name", "DDIMScheduler"),
+])
+def test_bad_values_are_refused_with_key_value_and_what_is_allowed(override, key, allowed):
+    with pytest.raises(ConfigError) as err:
+        make_spec(compose_config(override, "device=cpu") if not override.startswith("device") else compose_config(override))
+    message = str(err.value)
+    assert message.startswith(f"{key}=") and allowed in message and "\n" not in message
+
+
+def test_directory_without_model_index_and_unsupported_family(tmp_path):
+    with pytest.raises(ConfigError, match="no model_index.json"):
+        make_spec(compose_config(f"model.name_or_path={tmp_path}"))
+    (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline", '
+                                               '"unet": ["diffusers", "UNet2DConditionModel"], '
+                                               '"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}')
+    with pytest.raises(ConfigError, match="not a supported family; supported: unconditional .* text-to-image"):
+        make_spec(compose_config(f"model.name_or_path={tmp_path}"))
+
+
+def test_img2img_needs_a_latent_model(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "init.png")
+    with pytest.raises(ConfigError, match="init_image=.*text-to-image"):
+        make_spec(compose_config("model=tiny-ddpm", f"init_image={tmp_path / 'init.png'}"))
