@@ -146,11 +146,12 @@ def read_model_info(name_or_path: str, revision: str | None, vae: str | None) ->
             _fail(key, name_or_path, "this directory does not exist; give a diffusers directory or a hub id 'org/name'")
     try:
         index, index_path = _read_json(name_or_path, revision, "model_index.json")
-    except FileNotFoundError:
-        _fail(key, name_or_path, "the directory has no model_index.json; save the model with save_pretrained()")
-    except Exception as err:  # the hub: offline and not cached, unknown repo, no network
-        _fail(key, name_or_path, f"could not read model_index.json from the hub ({type(err).__name__}); "
-              "download the model once with network, or give a local directory")
+    except Exception as err:
+        if Path(name_or_path).is_dir():
+            _fail(key, name_or_path, "the directory has no model_index.json; save the model with save_pretrained()")
+        offline = " (HF_HUB_OFFLINE=1 is set)" if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") else ""
+        _fail(key, name_or_path, f"could not read its model_index.json from the hub or its local cache{offline}: "
+              f"{type(err).__name__}; download the model once with network, or give a local directory")
     family = _family(index)
     if family is None:
         components = ", ".join(f"{k}={v[1]}" for k, v in index.items() if isinstance(v, list) and v[1])
@@ -238,6 +239,8 @@ def make_spec(cfg: DictConfig) -> Spec:
     info = read_model_info(model["name_or_path"], model.get("revision"), model.get("vae"))
     if init_image is not None and info.family != "text-to-image":
         _fail("init_image", init_image, "img2img needs a text-to-image model (with a VAE)")
+    if init_image is not None and int(steps * strength) < 1:
+        _fail("strength", strength, f"img2img runs int(steps * strength) steps, which must be >= 1 (steps={steps})")
     sizes = {}
     for key in ("height", "width"):
         value = c.get(key)

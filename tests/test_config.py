@@ -127,3 +127,23 @@ def test_img2img_needs_a_latent_model(tmp_path):
     Image.new("RGB", (32, 32)).save(tmp_path / "init.png")
     with pytest.raises(ConfigError, match="init_image=.*text-to-image"):
         make_spec(compose_config("model=tiny-ddpm", f"init_image={tmp_path / 'init.png'}"))
+
+
+def test_img2img_strength_must_leave_a_step(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (64, 64)).save(tmp_path / "init.png")
+    with pytest.raises(ConfigError, match=r"strength=0.05 .* >= 1 \(steps=10\)"):
+        make_spec(compose_config(f"init_image={tmp_path / 'init.png'}", "steps=10", "strength=0.05"))
+
+
+def test_vae_swap_loads_another_autoencoder(tmp_path):
+    """model.vae takes any AutoencoderKL dir or hub id; here the embedded model's own VAE, saved elsewhere."""
+    import shutil
+
+    from conftest import run_job_in
+    from runner import embedded_model_path
+
+    shutil.copytree(embedded_model_path("tiny-sd") + "/vae", tmp_path / "other-vae")
+    rows = run_job_in(tmp_path / "run", f"model.vae={tmp_path / 'other-vae'}", "steps=3")
+    assert rows[0]["status"] == "ok", rows[0]["error"]
