@@ -251,6 +251,8 @@ def make_spec(cfg: DictConfig) -> Spec:
             _fail(key, value, f"a positive multiple of {info.size_multiple} (the model's latent scale)")
         sizes[key] = value
 
+    if info.family == "unconditional":  # no text encoder: prompts would only duplicate images and mislabel rows
+        prompts, negative_prompt = [""], ""
     device = resolve_device(c["device"])
     return Spec(
         model=model["name"], name_or_path=model["name_or_path"], revision=model.get("revision"), vae=model.get("vae"),
