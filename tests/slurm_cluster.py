@@ -35,6 +35,8 @@ def free_port() -> int:
 
 
 def slurm_conf(root: Path, host: str) -> str:
+    """One node, this host, all its CPUs; no accounting daemon. cred_expire=5: a requeued job may start again
+    after 5 s instead of SLURM's default 120 s."""
     cpus = os.cpu_count() or 1
     memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2**20 // 2
     return f"""\
@@ -44,7 +46,7 @@ SlurmctldPort={free_port()}
 SlurmdPort={free_port()}
 SlurmUser=root
 AuthType=auth/munge
-AuthInfo=socket={root}/munge/munge.socket
+AuthInfo=socket={root}/munge/munge.socket,cred_expire=5
 StateSaveLocation={root}/state
 SlurmdSpoolDir={root}/spool
 SlurmctldPidFile={root}/slurmctld.pid

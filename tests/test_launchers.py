@@ -1,7 +1,11 @@
 """A sweep past one process, through Hydra's launchers on real engines: joblib workers, submitit_local, and a real
 single-node SLURM cluster (started here as root; skipped with the reason when slurm-wlm/munge are missing)."""
 
+import os
 import re
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
@@ -87,3 +91,38 @@ def test_submitit_slurm_sweep_completes_with_every_row(tmp_path, slurm):
     # one job array: every job ran as SLURM task <array id>_<job num>
     logs = sorted(p.name for p in (tmp_path / "sweep" / ".submitit").glob("*/*_log.out"))
     assert len(logs) == 4 and len({name.split("_")[0] for name in logs}) == 1, logs
+
+
+def test_slurm_preempted_job_is_requeued_and_a_resubmitted_sweep_skips_finished_jobs(tmp_path, slurm):
+
+    sweep_dir = tmp_path / "sweep"
+    args = [sys.executable, "-m", "runner", "-m", *SLURM, "hydra.launcher.timeout_min=30", "seed=[0,1,2]", "steps=30",
+            "sampling.batch_size=1", "sampling.progress=false", "device=cpu", f"hydra.sweep.dir={sweep_dir}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", **slurm.env)
+    submit = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    job_log = sweep_dir / "0" / "runner.log"
+    deadline = time.monotonic() + 120
+    while not (job_log.is_file() and "[1/1]" in job_log.read_text()):  # the job is drawing its images
+        assert submit.poll() is None and time.monotonic() < deadline, submit.stdout.read() if submit.poll() else "slow"
+        time.sleep(0.2)
+    job_id = slurm.run("squeue", "-h", "-o", "%i", check=True).stdout.split()[0]
+    # what a preemption sends (submitit's own Job._interrupt): SIGTERM, then its requeue signal USR2
+    slurm.run("scancel", job_id, "--signal", "SIGTERM", check=True)
+    slurm.run("scancel", job_id, "--signal", "USR2", check=True)
+    output, _ = submit.communicate(timeout=240)
+    assert submit.returncode == 0, output[-3000:]
+
+    submitit_log = next(sweep_dir.glob(".submitit/*/*_log.out")).read_text()
+    assert "this job is preempted" in submitit_log and f"Requeued job {job_id}" in submitit_log, submitit_log
+    assert job_log.read_text().count("[1/1]") == 2  # started, preempted, started again in the same job dir
+    first = pd.read_parquet(sweep_dir / "results.parquet")
+    assert sorted(first["seed"]) == [0, 1, 2] and (first["status"] == "ok").all()
+    png_times = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("0/images/*.png")}
+
+    # submitting the same sweep again (what a requeue of a finished job amounts to): nothing is drawn twice
+    again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert job_log.read_text().count("already done") == 1
+    second = pd.read_parquet(sweep_dir / "results.parquet")
+    assert second["image_sha256"].tolist() == first["image_sha256"].tolist()
+    assert {p: p.stat().st_mtime_ns for p in sweep_dir.glob("0/images/*.png")} == png_times
