@@ -55,7 +55,7 @@ def lock_dir(gpus: list[str]) -> Path:
 
 
 def claim_gpu(gpus: list[str], locks: Path) -> dict:
-    """The first GPU no other live worker holds; more workers than GPUs share them round-robin."""
+    """The first GPU no other live worker holds; more workers than GPUs share them (picked by pid)."""
     import fcntl
 
     for gpu in gpus:
