@@ -14,3 +14,13 @@ def embedded_model_path(name: str) -> str:
 
 # Registered on import so that `${embedded_model:tiny-sd}` resolves in the CLI and the compose API alike.
 OmegaConf.register_new_resolver("embedded_model", embedded_model_path, replace=True)
+
+
+def default_launcher_workers() -> int:
+    from runner.launch import default_workers  # imports torch only when a launcher preset asks
+
+    return default_workers()
+
+
+# `n_jobs: ${runner_workers:}` in conf/hydra/launcher/gpus.yaml
+OmegaConf.register_new_resolver("runner_workers", default_launcher_workers, replace=True)

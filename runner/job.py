@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from runner.launch import pin_worker_gpu
 from runner.record import ROWS_FILE, SCHEDULE_FILE, save_image, write_table
 from runner.spec import ConfigError, Spec, make_spec
 
@@ -31,6 +32,7 @@ SWEEP_SIZE_ENV = "RUNNER_SWEEP_SIZE"
 def run(cfg: DictConfig) -> str:
     """The Hydra task: returns "ok" or "failed". A single run exits non-zero when it fails."""
     hydra_cfg = HydraConfig.get()
+    pin_worker_gpu(hydra_cfg.launcher.get("_target_", ""))  # before anything initialises CUDA in this process
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     job_dir = Path(hydra_cfg.runtime.output_dir)
     overrides = list(hydra_cfg.overrides.task)
@@ -40,6 +42,8 @@ def run(cfg: DictConfig) -> str:
         "job_num": hydra_cfg.job.num if multirun else 0,
         "overrides": " ".join(overrides),
         "config_hash": config_hash(cfg),
+        "worker_pid": os.getpid(),  # which process drew the row (parallel launchers run several)
+        "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
     }
     total = os.environ.get(SWEEP_SIZE_ENV, "?") if multirun else "1"
     log.info(f"[{context['job_num'] + 1}/{total}] {context['overrides'] or '(defaults)'}")

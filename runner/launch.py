@@ -1,0 +1,78 @@
+"""What a sweep needs from Hydra's launchers beyond their own settings (conf/hydra/launcher/*.yaml).
+
+- `gpus`: the joblib launcher runs jobs in reusable worker processes. Each worker pins itself to one visible GPU
+  for its whole life (CUDA_VISIBLE_DEVICES, set before torch initialises CUDA in it), so the model it loaded stays
+  cached for its next jobs. A worker claims the first free GPU by holding an exclusive lock on that GPU's lock
+  file; the OS drops the lock when the worker exits, so a replaced worker takes the freed GPU.
+- `job_run_id`: one W&B run id per job dir and config, so a requeued or re-run job resumes its run.
+"""
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+
+JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+CPU_WORKERS = 2  # `hydra/launcher=gpus` on a machine without GPU: this many processes
+
+_pinned: dict = {}  # this process's claim: {"gpu": id, "lock": open file}, kept for the process's life
+
+
+def visible_gpus() -> list[str]:
+    """The GPU ids this process may use: CUDA_VISIBLE_DEVICES when set, else every GPU the driver shows."""
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is not None:
+        return [d.strip() for d in listed.split(",") if d.strip()]
+    import torch
+
+    return [str(i) for i in range(torch.cuda.device_count())]  # counted through NVML: CUDA stays uninitialised
+
+
+def default_workers() -> int:
+    """`n_jobs` of `hydra/launcher=gpus`: one worker per visible GPU, or CPU_WORKERS processes without GPU."""
+    return len(visible_gpus()) or CPU_WORKERS
+
+
+def pin_worker_gpu(launcher_target: str) -> str | None:
+    """In a joblib worker, claim one GPU for this process (once) and return its id; None elsewhere or on CPU."""
+    if launcher_target != JOBLIB_LAUNCHER:
+        return None
+    if "gpu" not in _pinned:
+        gpus = visible_gpus()
+        if not gpus:
+            return None
+        _pinned.update(claim_gpu(gpus, lock_dir(gpus)))
+        os.environ["CUDA_VISIBLE_DEVICES"] = _pinned["gpu"]
+    return _pinned["gpu"]
+
+
+def lock_dir(gpus: list[str]) -> Path:
+    """Shared by the workers of one launcher (one parent process) and the same GPU list."""
+    tag = hashlib.sha256(",".join(gpus).encode()).hexdigest()[:8]
+    path = Path(tempfile.gettempdir()) / f"runner-gpu-locks-{os.getppid()}-{tag}"
+    path.mkdir(exist_ok=True)
+    return path
+
+
+def claim_gpu(gpus: list[str], locks: Path) -> dict:
+    """The first GPU no other live worker holds; more workers than GPUs share them (picked by pid)."""
+    import fcntl
+
+    for gpu in gpus:
+        handle = open(locks / f"gpu-{gpu}.lock", "w")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return {"gpu": gpu, "lock": handle}
+        except BlockingIOError:
+            handle.close()
+    return {"gpu": gpus[os.getpid() % len(gpus)], "lock": None}
+
+
+def job_run_id(context: dict) -> str:
+    """A W&B run id fixed by the job's identity (its job dir and config hash): use it with resume="allow".
+
+    A job that SLURM requeues after preemption or timeout, or a sweep re-run into the same sweep dir, runs in the
+    same job dir with the same config, so it gets the same id and its W&B run resumes instead of starting a twin.
+    """
+    identity = f"{context['job_dir']}\n{context['config_hash']}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:32]
