@@ -1,6 +1,7 @@
 """Sweep-level work, as Hydra callbacks: it reads job dirs back from disk, so it works for any launcher."""
 
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -8,20 +9,17 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from runner.job import SWEEP_SIZE_ENV
+from runner.job import SWEEP_SIZE_ENV, SWEPT_KEYS_ENV
 
 log = logging.getLogger("runner")
 
 
-def sweep_size(overrides: list[str]) -> int:
-    """How many jobs a multirun's command-line overrides expand to (the basic sweeper's cartesian product)."""
+def sweep_axes(overrides: list[str]) -> dict[str, int]:
+    """The swept keys of a multirun's overrides and how many values each takes (their product is the job count)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    size = 1
-    for override in OverridesParser.create().parse_overrides(overrides):
-        if override.is_sweep_override():
-            size *= len(list(override.sweep_string_iterator()))
-    return size
+    return {o.get_key_element(): len(list(o.sweep_string_iterator()))
+            for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()}
 
 
 class SweepResults(Callback):
@@ -31,9 +29,12 @@ class SweepResults(Callback):
         overrides = list(config.hydra.overrides.task)
         overrides += [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
         try:
-            os.environ[SWEEP_SIZE_ENV] = str(sweep_size(overrides))
-        except Exception:  # a sweeper with its own syntax: the job lines just show "?" for the total
+            axes = sweep_axes(overrides)
+            os.environ[SWEEP_SIZE_ENV] = str(math.prod(axes.values()))
+            os.environ[SWEPT_KEYS_ENV] = ",".join(axes)
+        except Exception:  # a sweeper with its own syntax: the job lines show "?" and W&B names every override
             os.environ.pop(SWEEP_SIZE_ENV, None)
+            os.environ.pop(SWEPT_KEYS_ENV, None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from runner import results
@@ -47,9 +48,28 @@ class SweepResults(Callback):
             return
         write_table(sweep_dir / "results.parquet", df)
         write_table(sweep_dir / "results.csv", df)
+        log_sweep_to_wandb(config, sweep_dir, df)
         failed = df[df["status"] != "ok"]
         log.info(f"sweep: {len(df) - len(failed)} image(s) ok, {len(failed)} failed → {sweep_dir / 'results.parquet'}")
         if len(failed):
             for job_dir, group in failed.groupby("job_dir", sort=True):
                 log.error(f"  failed: {group['overrides'].iloc[0] or '(defaults)'}: {group['error'].iloc[0]}")
             sys.exit(1)
+
+
+def log_sweep_to_wandb(config: DictConfig, sweep_dir: Path, df) -> None:
+    """The labelled grid (grid.png in the sweep dir) and, unless W&B is disabled, the sweep-summary run."""
+    from omegaconf import OmegaConf
+
+    from runner import wandb_logger
+    from runner.grid import default_grid_axes, grid_image
+
+    grid_path = sweep_dir / "grid.png"
+    try:
+        grid_image(df, *default_grid_axes(df)).save(grid_path)
+    except Exception as err:  # a grid is a convenience: never fail the sweep for it
+        log.warning(f"could not draw the sweep grid: {type(err).__name__}: {err}")
+        grid_path = None
+    options = OmegaConf.to_container(config.wandb, resolve=True) if "wandb" in config else {"mode": "disabled"}
+    if wandb_logger.resolve_mode(options.get("mode", "auto")) != "disabled":
+        wandb_logger.log_sweep(options, sweep_dir, df, grid_path)

@@ -27,6 +27,7 @@ from runner.spec import ConfigError, Spec, make_spec
 
 log = logging.getLogger("runner")
 SWEEP_SIZE_ENV = "RUNNER_SWEEP_SIZE"
+SWEPT_KEYS_ENV = "RUNNER_SWEPT_KEYS"
 
 
 def run(cfg: DictConfig) -> str:
@@ -41,6 +42,7 @@ def run(cfg: DictConfig) -> str:
         "sweep_dir": str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else "",
         "job_num": hydra_cfg.job.num if multirun else 0,
         "overrides": " ".join(overrides),
+        "name": short_name(overrides, os.environ.get(SWEPT_KEYS_ENV) if multirun else None),
         "config_hash": config_hash(cfg),
         "worker_pid": os.getpid(),  # which process drew the row (parallel launchers run several)
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
@@ -63,11 +65,38 @@ def run(cfg: DictConfig) -> str:
         return "failed"
 
     rows = run_spec(spec, job_dir, context)
+    log_to_wandb(cfg, spec, rows, job_dir, context)
     failed = [r for r in rows if r["status"] != "ok"]
     if failed and not multirun:
         print(f"error: {failed[0]['error']} (details in {job_dir})", file=sys.stderr)
         sys.exit(1)
     return "failed" if failed else "ok"
+
+
+def short_name(overrides: list[str], swept_keys: str | None) -> str:
+    """The job's name: its swept overrides only (`scheduler=unipc guidance=7.5`), or all of them outside a sweep."""
+    keys = set(swept_keys.split(",")) if swept_keys else None
+    chosen = [o for o in overrides if keys is None or o.split("=", 1)[0].lstrip("+~") in keys]
+    return " ".join(chosen) or "defaults"
+
+
+def log_to_wandb(cfg: DictConfig, spec: Spec, rows: list[dict], job_dir: Path, context: dict) -> None:
+    """One W&B run for the job (unless wandb.mode=disabled); its cost per image becomes the `time_log_s` column."""
+    options = OmegaConf.to_container(cfg.wandb, resolve=True) if "wandb" in cfg else {"mode": "disabled"}
+    from runner import wandb_logger
+
+    if wandb_logger.resolve_mode(options.get("mode", "auto")) == "disabled":
+        return
+    import pandas as pd
+
+    from runner.launch import job_run_id
+
+    schedule = pd.read_csv(job_dir / SCHEDULE_FILE).to_dict("records") if (job_dir / SCHEDULE_FILE).is_file() else []
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    seconds = wandb_logger.log_job(options, plain, spec, rows, schedule, dict(context, wandb_run_id=job_run_id(context)))
+    for row in rows:
+        row["time_log_s"] = seconds / max(len(rows), 1)
+    write_table(job_dir / ROWS_FILE, rows)
 
 
 def finished(job_dir: Path, config_hash: str) -> bool:

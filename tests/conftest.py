@@ -8,7 +8,8 @@ import pytest
 
 # Tests never touch the network: hub ids must resolve from the local cache or fail clearly.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("WANDB_MODE", "offline")
+# W&B off unless a test turns it on (wandb.mode=offline): it would slow every CLI test
+os.environ.setdefault("WANDB_MODE", "disabled")
 
 import runner  # noqa: E402  (registers the config resolvers)
 
@@ -27,6 +28,7 @@ def compose_config(*overrides, hydra_config=False):
 def run_cli(*args, cwd, timeout=300, env=None):
     """`python -m runner ARGS` as a user types it."""
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))
+    full_env = {k: v for k, v in full_env.items() if v is not None}  # env={"X": None} unsets X
     return subprocess.run([sys.executable, "-m", "runner", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=timeout, env=full_env)
 

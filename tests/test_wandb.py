@@ -1,0 +1,137 @@
+"""W&B logging with the real wandb in offline mode, read back from what it wrote."""
+
+import hashlib
+import json
+
+import pandas as pd
+import pytest
+
+from conftest import run_cli
+from runner.wandb_logger import flatten, resolve_mode, scrub
+from wandb_records import read_run
+
+SENTINELS = {"WANDB_API_KEY": "sentinel0wandb0key0123456789abcdef0123456789", "HF_TOKEN": "hf_sentinel0token0abcdef",
+             "HUGGING_FACE_HUB_TOKEN": "hf_sentinel0token1abcdef"}
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("wandb")
+    sweep = tmp / "sweep"
+    result = run_cli("-m", "scheduler=ddpm,unipc", "guidance=3,7.5", "seed=[0,1]", "steps=5", "wandb.mode=offline",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp, env=SENTINELS)
+    assert result.returncode == 0, result.stderr
+    runs = {}
+    for run_dir in sorted((sweep / "wandb").glob("offline-run-*")):
+        logged = read_run(run_dir)
+        logged["dir"] = run_dir
+        runs[logged["run"].display_name] = logged
+    return sweep, runs
+
+
+def job_rows(sweep_dir, scheduler, guidance):
+    table = pd.read_parquet(sweep_dir / "results.parquet")
+    return table[(table.scheduler == scheduler) & (table.guidance == guidance)]
+
+
+def test_one_run_per_job_grouped_by_sweep_plus_a_summary(sweep):
+    sweep_dir, runs = sweep
+    assert set(runs) == {"scheduler=ddpm guidance=3", "scheduler=ddpm guidance=7.5", "scheduler=unipc guidance=3",
+                         "scheduler=unipc guidance=7.5", "sweep-summary"}
+    assert {r["run"].run_group for r in runs.values()} == {sweep_dir.name}
+    assert runs["sweep-summary"]["run"].job_type == "sweep-summary"
+    assert {r["run"].job_type for name, r in runs.items() if name != "sweep-summary"} == {"job"}
+
+
+def test_config_is_flattened_to_dot_keys(sweep):
+    _, runs = sweep
+    config = runs["scheduler=unipc guidance=7.5"]["config"]
+    assert config["scheduler.name"] == "unipc" and config["guidance"] == 7.5 and config["steps"] == 5
+    assert config["model.name"] == "tiny-sd" and config["precision.dtype"] == "auto" and config["seed"] == [0, 1]
+    assert "model.name_or_path" in config and "scheduler" not in config  # no nested objects leaked in
+    assert all(not isinstance(v, dict) for k, v in config.items() if k != "_wandb")  # _wandb: W&B's own
+
+
+def test_images_are_our_png_files_with_captions(sweep):
+    sweep_dir, runs = sweep
+    logged = runs["scheduler=ddpm guidance=3"]
+    media = sorted((logged["dir"] / "files" / "media" / "images").glob("*.png"))
+    rows = job_rows(sweep_dir, "ddpm", 3)
+    assert len(media) == 2
+    # the very bytes we wrote (no second PNG encode)
+    assert {hashlib.sha256(p.read_bytes()).hexdigest() for p in media} == set(rows.image_sha256)
+    captions = next(h["images/captions"] for h in logged["history"] if "images/captions" in h)
+    assert captions == [f"seed={s} scheduler=ddpm steps=5 guidance=3.0 prompt={p!r}"
+                                  for s, p in zip(rows.seed, rows.prompt)]
+
+
+def test_sigma_schedule_as_step_metric_and_table(sweep):
+    sweep_dir, runs = sweep
+    logged = runs["scheduler=unipc guidance=3"]
+    points = [h for h in logged["history"] if "schedule/sigma" in h]
+    job = job_rows(sweep_dir, "unipc", 3).job_dir.iloc[0]
+    schedule = pd.read_csv(f"{job}/schedule.csv")
+    assert [p["schedule/step"] for p in points] == list(schedule.step)
+    assert [p["schedule/sigma"] for p in points] == pytest.approx(list(schedule.sigma))
+    table_file = next((logged["dir"] / "files" / "media" / "table").glob("schedule_table_*.table.json"))
+    table = json.loads(table_file.read_text())
+    assert table["columns"] == ["step", "timestep", "sigma"] and len(table["data"]) == len(schedule)
+
+
+def test_timings_and_status_in_the_summary(sweep):
+    _, runs = sweep
+    summary = runs["scheduler=ddpm guidance=7.5"]["summary"]
+    assert summary["status"] == "ok" and summary["images"] == 2
+    assert summary["time_total_s"] > 0 and "time_denoise_s" in summary and "time_unet_s" in summary
+
+
+def test_sweep_summary_has_the_results_table_with_images_and_the_grid(sweep):
+    _, runs = sweep
+    logged = runs["sweep-summary"]
+    table = json.loads(next((logged["dir"] / "files" / "media" / "table").glob("results_*.table.json")).read_text())
+    assert len(table["data"]) == 8 and table["columns"][-1] == "image"
+    assert all(row[-1] for row in table["data"])  # every cell of the image column holds an image
+    assert any(p.name.startswith("grid_") for p in (logged["dir"] / "files" / "media" / "images").glob("*.png"))
+    assert logged["summary"]["images_ok"] == 8
+
+
+def test_no_secret_reaches_any_file_the_sweep_wrote(sweep):
+    sweep_dir, _ = sweep
+    files = [p for p in sweep_dir.rglob("*") if p.is_file()]
+    assert len(files) > 30
+    for path in files:
+        data = path.read_bytes()
+        for secret in SENTINELS.values():
+            assert secret.encode() not in data, f"{secret} leaked into {path}"
+
+
+def test_time_log_s_reports_the_logging_cost_per_image(sweep):
+    sweep_dir, _ = sweep
+    table = pd.read_parquet(sweep_dir / "results.parquet")
+    assert (table.time_log_s > 0).all()
+
+
+def test_mode_auto_resolution(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    assert resolve_mode("auto") == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    assert resolve_mode("auto") == "online"
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    assert resolve_mode("auto") == "disabled" and resolve_mode("offline") == "offline"
+
+
+def test_flatten_and_scrub_leave_secrets_out():
+    flat = flatten({"model": {"name": "m", "hf_token": "x"}, "wandb": {"api_key": "y"}, "guidance": 3})
+    assert flat == {"model.name": "m", "guidance": 3}
+    assert scrub("+wandb.api_key=abc guidance=3 +hf_token=def") == "+wandb.api_key=*** guidance=3 +hf_token=***"
+
+
+def test_online_init_failure_falls_back_to_offline_without_hanging(tmp_path):
+    # A configured key makes `auto` pick online; with no network here the init fails and the run goes offline.
+    result = run_cli(f"hydra.run.dir={tmp_path / 'run'}", "steps=2", "wandb.init_timeout_s=5", cwd=tmp_path,
+                     env={"WANDB_MODE": None, **SENTINELS}, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert "logging offline instead" in result.stdout + result.stderr
+    assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
