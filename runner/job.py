@@ -22,7 +22,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from runner.launch import pin_worker_gpu
-from runner.record import ROWS_FILE, SCHEDULE_FILE, save_image, write_table
+from runner.record import IMAGES_DIR, ROWS_FILE, SCHEDULE_FILE, save_image, write_table
 from runner.spec import ConfigError, Spec, make_spec
 
 log = logging.getLogger("runner")
@@ -129,18 +129,26 @@ def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
         scheduler = build_job_scheduler(spec, components)
         embeds = TextEmbeddings(components, spec, timer)
         init_image = load_init_image(spec)
-        for first in range(0, len(plan), spec.batch_size):
-            batch = plan[first:first + spec.batch_size]
-            generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
+        kept = kept_images(job_dir, plan, context["config_hash"])  # a requeued or killed job's finished images
+        if kept:
+            log.info(f"  {len(kept)} of {len(plan)} image(s) already drawn for this config: kept")
+        todo = [(i, prompt, seed) for i, (prompt, seed) in enumerate(plan) if i not in kept]
+        drawn = {}
+        for first in range(0, len(todo), spec.batch_size):
+            batch = todo[first:first + spec.batch_size]
+            generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
             with timer("sample"):
-                images = sample_batch(spec, components, scheduler, batch, generators, embeds, init_image, timer)
+                images = sample_batch(spec, components, scheduler, [(p, s) for _, p, s in batch], generators, embeds,
+                                      init_image, timer)
             with timer("save"):
-                for (prompt, seed), image in zip(batch, images):
+                for (index, prompt, seed), image in zip(batch, images):
                     row = dict(base, prompt=prompt, seed=seed)
-                    index = len(rows)
                     row["image_path"], row["image_sha256"] = save_image(
-                        job_dir, f"{index:03d}_seed{seed}", image, {k: row[k] for k in PNG_KEYS})
-                    rows.append(row)
+                        job_dir, image_name(index, seed), image, {k: row[k] for k in PNG_KEYS})
+                    drawn[index] = row
+        rows = [drawn[i] if i in drawn else dict(base, prompt=p, seed=s, **kept[i]) for i, (p, s) in enumerate(plan)]
+        if not drawn:
+            scheduler.set_timesteps(spec.steps)  # nothing was drawn, so the schedule is set here to record it
         schedule = recorded_schedule(spec, scheduler)
         write_table(job_dir / SCHEDULE_FILE, schedule)
         times = timing_columns(timer, start, len(rows), cached)
@@ -150,17 +158,40 @@ def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
         (job_dir / "error.txt").parent.mkdir(parents=True, exist_ok=True)
         (job_dir / "error.txt").write_text(traceback.format_exc())
         log.error(f"  failed: {type(err).__name__}: {err}")
-        done = {(r["prompt"], r["seed"]) for r in rows}
-        rows = [dict(r, status="failed", error=f"{type(err).__name__}: {err}") for r in rows]
-        rows += [dict(base, prompt=p, seed=s, image_path="", image_sha256="", status="failed",
-                      error=f"{type(err).__name__}: {err}") for p, s in plan if (p, s) not in done]
+        # Images drawn before the failure stay on disk (a resume keeps them); the rows count none of them as ok.
+        rows = [dict(base, prompt=p, seed=s, image_path="", image_sha256="", status="failed",
+                     error=f"{type(err).__name__}: {err}") for p, s in plan]
         free_memory()
     write_table(job_dir / ROWS_FILE, rows)
     return rows
 
 
 PNG_KEYS = ("model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt", "height", "width",
-            "strength", "init_image", "precision")
+            "strength", "init_image", "precision", "config_hash")
+
+
+def image_name(index: int, seed: int) -> str:
+    return f"{index:03d}_seed{seed}"
+
+
+def kept_images(job_dir: Path, plan: list[tuple[str, int]], config_hash: str) -> dict[int, dict]:
+    """Images already in the job dir for this exact config (PNGs are written whole, so any present is complete):
+    {plan index: {"image_path", "image_sha256"}}. A requeued or resumed job draws only the others."""
+    from PIL import Image
+
+    kept = {}
+    for index, (prompt, seed) in enumerate(plan):
+        path = job_dir / IMAGES_DIR / f"{image_name(index, seed)}.png"
+        if not path.is_file():
+            continue
+        try:
+            saved = json.loads(Image.open(path).text.get("runner", "{}"))
+        except Exception:  # unreadable: draw it again
+            continue
+        if saved.get("config_hash") == config_hash and saved.get("prompt") == prompt and saved.get("seed") == seed:
+            data = path.read_bytes()
+            kept[index] = {"image_path": f"{IMAGES_DIR}/{path.name}", "image_sha256": hashlib.sha256(data).hexdigest()}
+    return kept
 
 
 def build_job_scheduler(spec: Spec, components):

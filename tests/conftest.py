@@ -35,12 +35,13 @@ def run_cli(*args, cwd, timeout=300, env=None):
 
 def run_job_in(tmp_path, *overrides):
     """Compose, check and run one job into tmp_path (no CLI); returns its rows."""
-    from runner.job import run_spec
+    from runner.job import config_hash, run_spec
     from runner.spec import make_spec
 
-    spec = make_spec(compose_config(*overrides, "sampling.progress=false"))
+    cfg = compose_config(*overrides, "sampling.progress=false")
     context = {"job_dir": str(tmp_path), "sweep_dir": "", "job_num": 0, "overrides": " ".join(overrides),
-               "config_hash": "test"}
+               "name": " ".join(overrides), "config_hash": config_hash(cfg)}
+    spec = make_spec(cfg)
     return run_spec(spec, Path(tmp_path), context)
 
 
