@@ -1,5 +1,6 @@
 """A declarative, Hydra-driven experiment runner for diffusion samplers."""
 
+import os
 from pathlib import Path
 
 from omegaconf import OmegaConf
@@ -24,3 +25,8 @@ def default_launcher_workers() -> int:
 
 # `n_jobs: ${runner_workers:}` in conf/hydra/launcher/gpus.yaml
 OmegaConf.register_new_resolver("runner_workers", default_launcher_workers, replace=True)
+
+
+# `${pid:}` in the default run/sweep dirs: two runs started in the same second never share a directory. Cached, so
+# every job of a sweep (Hydra copies the master config's resolver cache, also to launcher workers) sees one value.
+OmegaConf.register_new_resolver("pid", os.getpid, replace=True, use_cache=True)

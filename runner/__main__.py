@@ -1,7 +1,31 @@
 """`python -m runner`: the Hydra app. Heavy libraries load only once a job really runs."""
 
+import sys
+
 import hydra
-from omegaconf import DictConfig
+from hydra._internal.callbacks import Callbacks
+from omegaconf import DictConfig, OmegaConf
+
+
+def _checked_callbacks(init):
+    """Hydra instantiates hydra.callbacks before any task runs: refuse classes outside the allow-list first."""
+
+    def checked_init(self, config=None):
+        from runner.spec import ConfigError, refuse_unknown_targets
+
+        callbacks = OmegaConf.select(config, "hydra.callbacks") if config is not None else None
+        if callbacks:
+            try:
+                refuse_unknown_targets(OmegaConf.to_container(callbacks, resolve=False), "hydra.callbacks")
+            except ConfigError as err:
+                print(f"error: {err}", file=sys.stderr)
+                sys.exit(2)
+        init(self, config)
+
+    return checked_init
+
+
+Callbacks.__init__ = _checked_callbacks(Callbacks.__init__)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

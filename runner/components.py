@@ -51,7 +51,9 @@ def _load(spec) -> Components:
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
     # Never trust_remote_code; pickle weights (.bin/.ckpt) only when the config opts in explicitly.
-    common = dict(revision=spec.revision, use_safetensors=not spec.allow_pickle)
+    # None: safetensors where present, pickle only where it is all there is (and the config opted in)
+    safetensors_only = True if not spec.allow_pickle else None
+    common = dict(revision=spec.revision, use_safetensors=safetensors_only)
     typed = dict(common, torch_dtype=torch_dtype(spec.dtype))
 
     def load(cls, subfolder, path=spec.name_or_path, **kw):
@@ -71,7 +73,7 @@ def _load(spec) -> Components:
         return Components(spec.family, unet.to(spec.device).eval(), scheduler_config)
 
     unet = load(diffusers.UNet2DConditionModel, "unet", **typed)
-    vae = (load(diffusers.AutoencoderKL, None, path=spec.vae, torch_dtype=typed["torch_dtype"], use_safetensors=not spec.allow_pickle)
+    vae = (load(diffusers.AutoencoderKL, None, path=spec.vae, torch_dtype=typed["torch_dtype"], use_safetensors=safetensors_only)
            if spec.vae else load(diffusers.AutoencoderKL, "vae", **typed))
     text_encoder = load(transformers.CLIPTextModel, "text_encoder", **typed)
     tokenizer = load(transformers.CLIPTokenizer, "tokenizer", revision=spec.revision)

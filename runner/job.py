@@ -134,6 +134,7 @@ def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
             log.info(f"  {len(kept)} of {len(plan)} image(s) already drawn for this config: kept")
         todo = [(i, prompt, seed) for i, (prompt, seed) in enumerate(plan) if i not in kept]
         drawn = {}
+        inject_fault(context["job_num"], "sample")
         for first in range(0, len(todo), spec.batch_size):
             batch = todo[first:first + spec.batch_size]
             generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
@@ -141,6 +142,7 @@ def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
                 images = sample_batch(spec, components, scheduler, [(p, s) for _, p, s in batch], generators, embeds,
                                       init_image, timer)
             with timer("save"):
+                inject_fault(context["job_num"], "save")
                 for (index, prompt, seed), image in zip(batch, images):
                     row = dict(base, prompt=prompt, seed=seed)
                     row["image_path"], row["image_sha256"] = save_image(
@@ -162,8 +164,37 @@ def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
         rows = [dict(base, prompt=p, seed=s, image_path="", image_sha256="", status="failed",
                      error=f"{type(err).__name__}: {err}") for p, s in plan]
         free_memory()
-    write_table(job_dir / ROWS_FILE, rows)
+    try:
+        write_table(job_dir / ROWS_FILE, rows)
+    except OSError as err:  # e.g. the disk is full: say so; earlier rows and files are intact (atomic writes)
+        log.error(f"  could not write {job_dir / ROWS_FILE}: {err}")
+        rows = [dict(r, status="failed", error=f"{type(err).__name__}: {err}") for r in rows]
     return rows
+
+
+FAULT_ENV = "RUNNER_FAULT"
+
+
+def inject_fault(job_num: int, stage: str) -> None:
+    """Tests make point k fail through the real code paths: RUNNER_FAULT="<k>:error|oom|enospc".
+
+    `error` and `oom` (torch.cuda.OutOfMemoryError) raise before sampling; `enospc` raises "No space left on device"
+    where the job writes its first image.
+    """
+    fault = os.environ.get(FAULT_ENV, "")
+    if not fault or fault.split(":")[0] != str(job_num):
+        return
+    kind = fault.split(":", 1)[1] if ":" in fault else "error"
+    if stage == "sample" and kind == "oom":
+        import torch
+
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by RUNNER_FAULT)")
+    if stage == "sample" and kind == "error":
+        raise RuntimeError("fault injected by RUNNER_FAULT")
+    if stage == "save" and kind == "enospc":
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device (injected by RUNNER_FAULT)")
 
 
 PNG_KEYS = ("model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt", "height", "width",

@@ -22,6 +22,20 @@ FAMILIES = {
 }
 
 
+# The only classes a config may name with `_target_` (Hydra instantiates hydra.callbacks itself).
+ALLOWED_TARGETS = frozenset({"runner.callbacks.SweepResults"})
+
+
+def refuse_unknown_targets(config: dict, where: str = "") -> None:
+    """Raise ConfigError for any `_target_` outside ALLOWED_TARGETS: instantiating one can run arbitrary code."""
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else []
+    for key, value in items:
+        path = f"{where}.{key}" if where else str(key)
+        if key == "_target_" and value not in ALLOWED_TARGETS:
+            _fail(path, value, "only " + ", ".join(sorted(ALLOWED_TARGETS)) + " may be instantiated from a config")
+        refuse_unknown_targets(value, path)
+
+
 class ConfigError(ValueError):
     """A bad config value: the message names the key, the value and what is allowed."""
 
@@ -169,6 +183,42 @@ def read_model_info(name_or_path: str, revision: str | None, vae: str | None) ->
     return ModelInfo(family, scale, default_size, _hub_commit(index_path) or _local_fingerprint(name_or_path), index_path)
 
 
+PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
+WEIGHT_FOLDERS = ("unet", "vae", "text_encoder")
+
+
+def check_local_weights(directory: Path, allow_pickle: bool, key: str = "model.name_or_path") -> None:
+    """Refuse pickle-only weights (unless allowed) and safetensors files whose size disagrees with their own header
+    (truncated or corrupt), reading only headers: no weights load."""
+    folders = [directory / f for f in WEIGHT_FOLDERS if (directory / f).is_dir()] or [directory]
+    for folder in folders:
+        safetensors = sorted(folder.glob("*.safetensors"))
+        pickles = sorted(p for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if not safetensors and pickles and not allow_pickle:
+            _fail(key, str(directory), f"{folder.name}/ has only pickle weights ({pickles[0].name}), which can run code "
+                  "when loaded; convert them to safetensors, or set model.allow_pickle=true if you trust the files")
+        for path in safetensors:
+            problem = _safetensors_problem(path)
+            if problem:
+                _fail(key, str(directory), f"{path.relative_to(directory)} is {problem}; download or save it again")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            header_size = int.from_bytes(f.read(8), "little")
+            if header_size <= 0 or 8 + header_size > size:
+                return f"corrupt ({size} bytes, header length {header_size})"
+            header = json.loads(f.read(header_size))
+    except (ValueError, UnicodeDecodeError):
+        return "corrupt (its header is not valid JSON)"
+    end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if size != 8 + header_size + end:
+        return f"truncated or corrupt ({size} bytes on disk, its header describes {8 + header_size + end})"
+    return None
+
+
 def _family(index: dict) -> str | None:
     classes = {k: v[1] for k, v in index.items() if isinstance(v, list) and len(v) == 2 and v[1]}
     if classes.get("unet") == "UNet2DModel" and set(classes) == {"unet", "scheduler"}:
@@ -200,6 +250,7 @@ def _local_fingerprint(directory: str) -> str | None:
 
 def make_spec(cfg: DictConfig) -> Spec:
     """Check every value of a composed config and return the plain spec a job runs from."""
+    refuse_unknown_targets(OmegaConf.to_container(cfg, resolve=False))
     c = OmegaConf.to_container(cfg, resolve=True)
     model, sched, prec, sampling = c["model"], c["scheduler"], c["precision"], c["sampling"]
 
@@ -237,6 +288,9 @@ def make_spec(cfg: DictConfig) -> Spec:
         resolve_dtype(dtype, "cpu")
 
     info = read_model_info(model["name_or_path"], model.get("revision"), model.get("vae"))
+    for key, path in (("model.name_or_path", model["name_or_path"]), ("model.vae", model.get("vae"))):
+        if path and Path(path).is_dir():
+            check_local_weights(Path(path), bool(model.get("allow_pickle", False)), key)
     if init_image is not None and info.family != "text-to-image":
         _fail("init_image", init_image, "img2img needs a text-to-image model (with a VAE)")
     if init_image is not None and int(steps * strength) < 1:

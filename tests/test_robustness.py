@@ -1,0 +1,166 @@
+"""Faults and bad input: nothing finished is lost, nothing unfinished is counted."""
+
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from PIL import Image
+
+from conftest import REPO, compose_config, run_cli, run_job_in
+from runner import embedded_model_path
+from runner.spec import ConfigError, make_spec
+
+
+@pytest.fixture
+def model_copy(tmp_path):
+    target = tmp_path / "model"
+    shutil.copytree(embedded_model_path("tiny-sd"), target)
+    return target
+
+
+def test_truncated_weights_are_refused_before_loading(model_copy, tmp_path):
+    weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    with pytest.raises(ConfigError, match=r"unet/diffusion_pytorch_model.safetensors is truncated or corrupt"):
+        make_spec(compose_config(f"model.name_or_path={model_copy}"))
+    result = run_cli(f"model.name_or_path={model_copy}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().startswith("error: model.name_or_path=") and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_corrupt_header_is_refused(model_copy):
+    weights = model_copy / "vae" / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:16] = b"garbage!"
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ConfigError, match="vae/diffusion_pytorch_model.safetensors is corrupt"):
+        make_spec(compose_config(f"model.name_or_path={model_copy}"))
+
+
+def test_pickle_only_weights_need_the_explicit_opt_in(model_copy, tmp_path):
+    from diffusers import UNet2DConditionModel
+
+    unet = UNet2DConditionModel.from_pretrained(model_copy / "unet")
+    (model_copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    unet.save_pretrained(model_copy / "unet", safe_serialization=False)
+    assert (model_copy / "unet" / "diffusion_pytorch_model.bin").is_file()
+    with pytest.raises(ConfigError, match="unet/ has only pickle weights .* model.allow_pickle=true"):
+        make_spec(compose_config(f"model.name_or_path={model_copy}"))
+    rows = run_job_in(tmp_path / "run", f"model.name_or_path={model_copy}", "model.allow_pickle=true", "steps=2")
+    assert rows[0]["status"] == "ok", rows[0]["error"]
+
+
+def test_a_prompt_past_the_token_limit_warns_with_the_count(tmp_path, caplog):
+    long_prompt = "a " * 80  # 80 one-character words + start/end tokens > 77
+    with caplog.at_level(logging.WARNING, logger="runner"):
+        rows = run_job_in(tmp_path, f"prompt='{long_prompt}'", "steps=2")
+    assert rows[0]["status"] == "ok"
+    assert "prompt is 5 token(s) longer than the tokenizer's limit of 77; they are dropped" in caplog.text
+
+
+def test_config_with_a_forbidden_target_is_refused_before_it_runs(tmp_path):
+    marker = tmp_path / "PWNED"
+    for override in (f"+hydra.callbacks.evil._target_=os.system", "+anything._target_=os.system"):
+        result = run_cli(override, f"+hydra.callbacks.evil.command='touch {marker}'" if "hydra" in override else "steps=1",
+                         f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+        assert result.returncode == 2
+        assert "_target_='os.system' is not allowed" in result.stderr and "Traceback" not in result.stderr
+    assert not marker.exists() and not (tmp_path / "run").exists()
+
+
+def test_a_failing_point_is_recorded_and_a_resume_runs_only_it(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ("-m", "scheduler=ddpm,unipc,lms", "steps=3", f"hydra.sweep.dir={sweep}")
+    failed = run_cli(*args, cwd=tmp_path, env={"RUNNER_FAULT": "1:oom"})
+    assert failed.returncode == 1
+    output = failed.stdout + failed.stderr
+    assert "failed: scheduler=unipc steps=3: OutOfMemoryError: CUDA out of memory" in output
+    table = pd.read_parquet(sweep / "results.parquet")
+    assert list(table.sort_values("job_num").status) == ["ok", "failed", "ok"]
+    assert "OutOfMemoryError: CUDA out of memory" in table.set_index("scheduler").error["unipc"]
+    first_png = next((sweep / "0" / "images").glob("*.png"))
+    mtime = first_png.stat().st_mtime_ns
+
+    resumed = run_cli(*args, cwd=tmp_path, env={"RUNNER_FAULT": None})
+    assert resumed.returncode == 0, resumed.stderr
+    assert (resumed.stdout + resumed.stderr).count("already done") == 2
+    table = pd.read_parquet(sweep / "results.parquet")
+    assert len(table) == 3 and (table.status == "ok").all()
+    assert first_png.stat().st_mtime_ns == mtime  # finished points untouched
+
+
+def test_a_full_disk_fails_the_point_and_keeps_earlier_rows(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "scheduler=ddpm,unipc,lms", "steps=3", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+                     env={"RUNNER_FAULT": "1:enospc"})
+    assert result.returncode == 1
+    table = pd.read_parquet(sweep / "results.parquet").sort_values("job_num")
+    assert list(table.status) == ["ok", "failed", "ok"]
+    assert "No space left on device" in table.error.iloc[1]
+    assert not list((sweep / "1" / "images").glob("*.png")) if (sweep / "1" / "images").exists() else True
+    assert len(pd.read_parquet(sweep / "0" / "rows.parquet")) == 1  # earlier rows intact
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
+def test_atomic_write_on_a_really_full_filesystem_keeps_the_old_file(tmp_path):
+    from runner.record import atomic_write_bytes
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("tmpfs mount refused here")
+    try:
+        atomic_write_bytes(disk / "rows.parquet", b"old rows")
+        with pytest.raises(OSError, match="No space left"):
+            atomic_write_bytes(disk / "rows.parquet", b"x" * 200_000)
+        assert (disk / "rows.parquet").read_bytes() == b"old rows"
+        assert [p.name for p in disk.iterdir()] == ["rows.parquet"]  # no temp file left behind
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_sigkill_mid_sweep_then_resume_gives_exactly_the_right_rows(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = [sys.executable, "-m", "runner", "-m", "scheduler=ddpm,unipc,lms,euler", "seed=[0,1]", "steps=40",
+            f"hydra.sweep.dir={sweep}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list(sweep.glob("*/images/*.png"))) < 3:
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    # nothing torn under a final name: every PNG and parquet that exists reads whole
+    for png in sweep.glob("*/images/*.png"):
+        Image.open(png).load()
+    for parquet in sweep.rglob("*.parquet"):
+        pd.read_parquet(parquet)
+    assert not (sweep / "results.parquet").exists()
+
+    resumed = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    table = pd.read_parquet(sweep / "results.parquet")
+    assert len(table) == 8 and (table.status == "ok").all()
+    assert sorted(zip(table.scheduler, table.seed)) == sorted((s, i) for s in ("ddpm", "unipc", "lms", "euler") for i in (0, 1))
+
+
+def test_two_sweeps_started_in_the_same_second_get_their_own_dirs(tmp_path):
+    command = [sys.executable, "-m", "runner", "-m", "scheduler=ddpm,unipc", "steps=2"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    processes = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                 for _ in range(2)]
+    for p in processes:
+        assert p.wait(timeout=300) == 0
+    sweeps = sorted((tmp_path / "results" / "sweeps").iterdir())
+    assert len(sweeps) == 2
+    for sweep in sweeps:
+        assert len(pd.read_parquet(sweep / "results.parquet")) == 2
