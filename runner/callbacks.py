@@ -37,6 +37,14 @@ class SweepResults(Callback):
             os.environ.pop(SWEPT_KEYS_ENV, None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        # Hydra turns a callback's exception into a warning: a sweep whose table could not be written must still fail.
+        try:
+            self.write_sweep_results(config)
+        except Exception as err:
+            log.error(f"could not write the sweep's results table: {type(err).__name__}: {err}")
+            sys.exit(1)
+
+    def write_sweep_results(self, config: DictConfig) -> None:
         from runner import results
         from runner.record import write_table
 

@@ -61,7 +61,8 @@ def run(cfg: DictConfig) -> str:
             print(f"error: {err}", file=sys.stderr)
             sys.exit(2)
         log.error(f"error: {err}")
-        write_table(job_dir / ROWS_FILE, [dict(axis_values(cfg), **context, status="failed", error=str(err))])
+        write_table(job_dir / ROWS_FILE, [dict(axis_values(cfg), **context, image_path="", image_sha256="",
+                                               status="failed", error=str(err))])
         return "failed"
 
     rows = run_spec(spec, job_dir, context)

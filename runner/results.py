@@ -34,7 +34,8 @@ def load(*paths) -> "pandas.DataFrame":
             df["job_dir"] = str(job_dir.resolve())
             df["sweep_dir"] = [str(job_dir.parent.resolve()) if s else "" for s in is_sweep_job]
             df["sweep"] = [Path(s).name if s else "" for s in df["sweep_dir"]]
-            df["image_path"] = [str(job_dir.resolve() / p) if isinstance(p, str) and p else p for p in df["image_path"]]
+            if "image_path" in df:
+                df["image_path"] = [str(job_dir.resolve() / p) if isinstance(p, str) and p else p for p in df["image_path"]]
             frames.append(df)
     if not frames:
         return pd.DataFrame()

@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 from PIL import Image
 
 from conftest import REPO, run_cli
@@ -74,10 +75,21 @@ def test_bad_value_is_one_clear_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def test_unknown_option_lists_the_options(tmp_path):
-    result = run_cli("scheduler=nope", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
+@pytest.mark.parametrize("group,listed", [("scheduler", "unipc"), ("model", "tiny-ddpm"), ("precision", "bf16")])
+def test_unknown_option_lists_the_options(group, listed, tmp_path):
+    result = run_cli(f"{group}=nope", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
     assert result.returncode != 0
-    assert "scheduler/nope" in result.stderr and "unipc" in result.stderr and "Traceback" not in result.stderr
+    assert f"{group}/nope" in result.stderr and listed in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "bad").exists()
+
+
+def test_a_bad_value_in_a_sweep_fails_only_that_point(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "guidance=3,-1", "steps=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    table = pd.read_parquet(sweep / "results.parquet").sort_values("job_num")
+    assert list(table.status) == ["ok", "failed"]
+    assert table.error.iloc[1] == "guidance=-1 is not allowed: a number >= 0 (<= 1 turns classifier-free guidance off)"
 
 
 def test_help_and_cfg_import_no_heavy_libraries():
