@@ -43,7 +43,7 @@ def load_components(spec) -> tuple[Components, bool]:
            cache_key(spec.precision_options))
     if key in _CACHE:
         return _CACHE[key], True
-    _CACHE.clear()  # one model in memory at a time: sweeps run jobs of one model back to back (runner.sweeper)
+    _CACHE.clear()  # one model in memory at a time: sweeps run jobs of one model back to back (hydra_plugins/runner_sweeper)
     _CACHE[key] = apply_options(_load(spec), spec.precision_options, spec.device) if spec.precision_options else _load(spec)
     return _CACHE[key], False
 

@@ -43,6 +43,12 @@ def run(cfg: DictConfig) -> str:
     total = os.environ.get(SWEEP_SIZE_ENV, "?") if multirun else "1"
     log.info(f"[{context['job_num'] + 1}/{total}] {context['overrides'] or '(defaults)'}")
 
+    if cfg.get("dry_run", False):
+        from runner.dry_run import single_run_report
+
+        print(single_run_report(cfg, overrides))
+        discard_job_dir(job_dir)
+        return "ok"
     if finished(job_dir, context["config_hash"]):
         log.info("  already done (same config, every image ok): skipped")
         return "ok"

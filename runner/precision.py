@@ -60,18 +60,9 @@ def apply_options(components, options: dict, device: str):
     import torch
 
     c = components
-    if options["attention"] == "eager":
-        from diffusers.models.attention_processor import AttnProcessor
-
-        c.unet.set_attn_processor(AttnProcessor())
-        if c.vae is not None:
-            c.vae.set_attn_processor(AttnProcessor())
-    else:
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        c.unet.set_attn_processor(AttnProcessor2_0())
-        if c.vae is not None:
-            c.vae.set_attn_processor(AttnProcessor2_0())
+    for module in (c.unet, c.vae):
+        if module is not None:
+            set_attention(module, options["attention"])
     if options["channels_last"]:
         c.unet.to(memory_format=torch.channels_last)
         if c.vae is not None:
@@ -85,6 +76,15 @@ def apply_options(components, options: dict, device: str):
     if options["compile"]:
         c.unet = torch.compile(c.unet, mode=None if options["compile_mode"] == "default" else options["compile_mode"])
     return c
+
+
+def set_attention(module, attention: str):
+    """Every attention layer of a model (UNet2DModel has no set_attn_processor) on SDPA or the eager processor."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    for layer in module.modules():
+        if isinstance(layer, Attention):
+            layer.set_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
 
 
 def offload(components, device: str):

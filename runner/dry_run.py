@@ -1,0 +1,80 @@
+"""`dry_run=true`: what a run or sweep would make, and about how long it would take. Nothing loads or runs.
+
+The estimate comes from earlier result rows (runner.results.load over `dry_run_results`, default `results/`)
+of the same model, device and dtype: the median seconds per image per denoising step, times each job's images
+and steps, plus the median load time once per model switch. Jobs with no such history show "?".
+"""
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+
+def report(jobs: list[list[str]], configs: list[DictConfig], history_path) -> str:
+    """A plain-text table: one line per job, then the totals."""
+    from runner.spec import ConfigError, make_spec
+
+    history = past_rows(history_path)
+    lines = [f"dry run: {len(jobs)} job(s); nothing runs (estimates from {history_path})",
+             f"{'#':>3}  {'images':>6}  {'steps':>5}  {'est_s':>8}  overrides"]
+    total_images, total_s, unknown, previous_model = 0, 0.0, 0, None
+    for num, (overrides, cfg) in enumerate(zip(jobs, configs)):
+        cfg = without_hydra(cfg)
+        try:
+            spec = make_spec(cfg)
+        except ConfigError as err:
+            lines.append(f"{num:>3}  {'-':>6}  {'-':>5}  {'-':>8}  {' '.join(overrides)}  error: {err}")
+            continue
+        images = len(spec.prompts) * len(spec.seeds)
+        per_step, load = rates(history, spec)
+        model = (spec.name_or_path, spec.dtype, spec.device)
+        estimate = None if per_step is None else images * spec.steps * per_step + (load if model != previous_model else 0)
+        previous_model = model
+        total_images += images
+        if estimate is None:
+            unknown += 1
+        else:
+            total_s += estimate
+        shown = "?" if estimate is None else f"{estimate:.1f}"
+        lines.append(f"{num:>3}  {images:>6}  {spec.steps:>5}  {shown:>8}  {' '.join(overrides) or '(defaults)'}")
+    note = f" ({unknown} job(s) with no earlier results of their model/device/dtype not counted)" if unknown else ""
+    lines.append(f"total: {total_images} image(s), about {total_s:.1f} s{note}")
+    return "\n".join(lines)
+
+
+def without_hydra(cfg: DictConfig) -> DictConfig:
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+def past_rows(path):
+    """Earlier ok rows with timings, or None when there are none."""
+    from runner import results
+
+    try:
+        df = results.load(path)
+    except FileNotFoundError:
+        return None
+    needed = {"status", "time_total_s", "time_load_s", "images_per_s", "steps", "model", "device", "dtype"}
+    if df.empty or not needed <= set(df.columns):
+        return None
+    df = df[(df["status"] == "ok") & (df["time_total_s"] > 0) & (df["images_per_s"] > 0)]
+    return df if len(df) else None
+
+
+def rates(history, spec) -> tuple[float | None, float]:
+    """(seconds per image per step, seconds per model load) from rows like this spec's, or (None, 0)."""
+    if history is None:
+        return None, 0.0
+    same = history[(history["model"] == spec.model) & (history["device"] == spec.device) & (history["dtype"] == spec.dtype)]
+    if same.empty:
+        return None, 0.0
+    images_in_job = same["images_per_s"] * same["time_total_s"]
+    per_step = ((same["time_total_s"] - same["time_load_s"]) / images_in_job / same["steps"]).median()
+    loads = same.loc[~same["model_cached"].astype(bool), "time_load_s"] if "model_cached" in same else same["time_load_s"]
+    return float(per_step), float(loads.median()) if len(loads) else 0.0
+
+
+def single_run_report(cfg: DictConfig, overrides: list[str]) -> str:
+    """The dry run of a single (not -m) run."""
+    return report([overrides], [cfg], OmegaConf.select(cfg, "dry_run_results", default="results"))
