@@ -26,7 +26,7 @@ from runner import embedded_model_path
 CONFIGS = Path(__file__).parent / "bench_configs"
 UNET_TFLOP = 0.80  # one SD1.5 UNet forward at 64×64 latents, per sample
 VAE_DECODE_TFLOP = 2.5  # one SD1.5 VAE decode at 512×512
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}  # dense fp16/bf16
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}  # dense fp16/bf16
 
 
 def parse_args(argv=None):
@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--schedulers", default="ddim,euler,dpmpp_2m", help="sweep case: scheduler options")
     p.add_argument("--guidances", default="3,7.5")
     p.add_argument("--seeds", type=int, default=2, help="sweep case: seeds per point (points = schedulers × guidances × seeds)")
-    p.add_argument("--fast", action="store_true", help="runner with compile + channels_last (GPU: also TF32)")
+    p.add_argument("--fast", action="store_true",
+                   help="both ways with torch.compile(UNet) + channels_last (GPU: also TF32)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="results/bench")
     return p.parse_args(argv)
@@ -88,9 +89,10 @@ def run_runner(spec, out_dir: Path) -> tuple[float, list[dict]]:
     return elapsed, rows
 
 
-def load_bare(model_dir: str, spec):
-    """What a user writes first: the pipeline, loaded once."""
+def load_bare(model_dir: str, spec, fast: bool = False):
+    """What a user writes first: the pipeline, loaded once (with --fast: the same speed options as the runner)."""
     import diffusers
+    import torch
 
     from runner.components import torch_dtype
 
@@ -98,7 +100,27 @@ def load_bare(model_dir: str, spec):
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch_dtype(spec.dtype),
                                                              safety_checker=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(spec.device)
+    pipe.to(spec.device)
+    if fast:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = spec.device.startswith("cuda")
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        pipe.unet = torch.compile(pipe.unet)
+    return pipe
+
+
+def run_bare_batch(pipe, spec, seeds, out_dir: Path) -> float:
+    """The user's batched call: one pipeline call, one generator per image."""
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = clock(spec.device)
+    images = pipe([spec.prompts[0]] * len(seeds), negative_prompt=[spec.negative_prompt] * len(seeds),
+                  num_inference_steps=spec.steps, guidance_scale=spec.guidance, height=spec.height, width=spec.width,
+                  generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+    for seed, image in zip(seeds, images):
+        image.save(out_dir / f"seed{seed}.png")
+    return clock(spec.device) - start
 
 
 def run_bare(pipe, spec, scheduler_class: str | None, seeds, out_dir: Path) -> float:
@@ -140,7 +162,7 @@ def clear_model_cache():
 
 def case_per_image(model_dir, args, work: Path) -> dict:
     spec = runner_spec(model_dir, args, seed=0)
-    pipe = load_bare(model_dir, spec)
+    pipe = load_bare(model_dir, spec, fast=args.fast)
     run_runner(spec, work / "warm")  # both ways warm (first calls, model loaded) before timing
     run_bare(pipe, spec, None, [0], work / "warm-bare")
     runner_s, bare_s, steps = [], [], []
@@ -166,26 +188,35 @@ def case_per_image(model_dir, args, work: Path) -> dict:
 
 def case_batched(model_dir, args, work: Path) -> dict:
     seeds = list(range(100, 100 + args.batch))
-    batched_s, single_s, max_diff = [], [], 0
+    batched_spec = runner_spec(model_dir, args, seed=seeds, **{"sampling.batch_size": len(seeds)})
+    single_specs = [runner_spec(model_dir, args, seed=seed) for seed in seeds]
+    pipe = load_bare(model_dir, batched_spec, fast=args.fast)
+    run_runner(batched_spec, work / "warm")  # first call of the batch shape (and compile) kept out of the timings
+    run_bare_batch(pipe, batched_spec, seeds, work / "warm-bare")
+    batched_s, single_s, bare_batched_s, max_diff = [], [], [], 0
     for i in range(max(1, args.repeats // 2)):
-        elapsed, batch_rows = run_runner(runner_spec(model_dir, args, seed=seeds, **{"sampling.batch_size": len(seeds)}),
-                                         work / f"batched-{i}")
+        elapsed, batch_rows = run_runner(batched_spec, work / f"batched-{i}")
         batched_s.append(elapsed)
         total, single_rows = 0.0, []
-        for seed in seeds:
-            elapsed, rows = run_runner(runner_spec(model_dir, args, seed=seed), work / f"single-{i}-{seed}")
+        for seed, spec in zip(seeds, single_specs):
+            elapsed, rows = run_runner(spec, work / f"single-{i}-{seed}")
             total += elapsed
             single_rows += rows
         single_s.append(total)
         max_diff = max(max_diff, max_pixel_difference(batch_rows, single_rows))
-    spec = runner_spec(model_dir, args, seed=seeds)
+        bare_batched_s.append(run_bare_batch(pipe, batched_spec, seeds, work / f"bare-batched-{i}"))
+    del pipe
+    spec = batched_spec
     return {
-        "images": len(seeds), "batched_s": batched_s, "single_s": single_s,
+        "images": len(seeds), "batched_s": batched_s, "single_s": single_s, "bare_batched_s": bare_batched_s,
         "batched_over_single": statistics.median(batched_s) / statistics.median(single_s),
+        "runner_batched_over_bare_batched": statistics.median(batched_s) / statistics.median(bare_batched_s),
         # per-image determinism: each seed of the batch is that seed drawn alone (batched convolutions may
         # round differently, so within 1/255, the parity tests' tolerance)
         "batched_max_pixel_diff_vs_single": max_diff,
         **flops(spec, images=len(seeds), seconds=statistics.median(batched_s), prefix="batched_", sd15=args.unet == "sd15"),
+        **flops(spec, images=len(seeds), seconds=statistics.median(bare_batched_s), prefix="bare_batched_",
+                sd15=args.unet == "sd15"),
     }
 
 
@@ -215,7 +246,7 @@ def case_sweep(model_dir, args, work: Path) -> dict:
         runner_s.append(clock(args.device) - start)
 
         start = clock(args.device)
-        pipe = load_bare(model_dir, bare_points[0][1])
+        pipe = load_bare(model_dir, bare_points[0][1], fast=args.fast)
         for j, (class_name, spec) in enumerate(bare_points):
             run_bare(pipe, spec, class_name, seeds, work / f"bare-sweep-{i}-{j}")
         bare_s.append(clock(args.device) - start)

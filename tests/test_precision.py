@@ -1,5 +1,7 @@
 """Precision group options: composed by Hydra, checked, applied to the modules, recorded in the rows (CPU)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -8,6 +10,10 @@ from runner import components as components_module
 from runner.components import load_components
 from runner.spec import ConfigError, make_spec
 from tests.conftest import compose_config, read_png, run_cli, run_job_in
+
+
+def image(row):
+    return read_png(Path(row["job_dir"]) / row["image_path"]).astype(int)
 
 
 def spec_of(*overrides):
@@ -32,8 +38,7 @@ def test_channels_last_sets_the_memory_format_and_keeps_the_image(tmp_path):
     for module in (c.unet, c.vae):
         weights = [p for p in module.parameters() if p.dim() == 4]
         assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
-    diff = np.abs(read_png(plain["image_path"]).astype(int) - read_png(fast["image_path"]).astype(int)).max()
-    assert diff <= 1
+    assert np.abs(image(plain) - image(fast)).max() <= 1
 
 
 def test_module_options_are_part_of_the_cache_key_and_tf32_is_not():
@@ -60,7 +65,7 @@ def test_eager_attention_replaces_every_processor_and_keeps_the_image(tmp_path):
     c, _ = load_components(spec_of("precision.attention=eager"))
     layers = [m for module in (c.unet, c.vae) for m in module.modules() if isinstance(m, Attention)]
     assert layers and all(isinstance(m.processor, AttnProcessor) for m in layers)
-    assert np.abs(read_png(sdpa["image_path"]).astype(int) - read_png(eager["image_path"]).astype(int)).max() <= 1
+    assert np.abs(image(sdpa) - image(eager)).max() <= 1
 
 
 def test_compile_composes_and_wraps_the_unet():
