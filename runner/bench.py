@@ -37,7 +37,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="default: 20 (tiny), 30 (sd15)")
     p.add_argument("--size", type=int, default=None, help="height = width; default: the model's native size")
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--repeats", type=int, default=5, help="per-image case: images per way")
+    p.add_argument("--repeats", type=int, default=10, help="per-image case: images per way (batched: half, sweep: a fifth)")
     p.add_argument("--batch", type=int, default=8, help="batched case: seeds per batch")
     p.add_argument("--schedulers", default="ddim,euler,dpmpp_2m", help="sweep case: scheduler options")
     p.add_argument("--guidances", default="3,7.5")
@@ -165,12 +165,21 @@ def case_per_image(model_dir, args, work: Path) -> dict:
     pipe = load_bare(model_dir, spec, fast=args.fast)
     run_runner(spec, work / "warm")  # both ways warm (first calls, model loaded) before timing
     run_bare(pipe, spec, None, [0], work / "warm-bare")
-    runner_s, bare_s, steps = [], [], []
-    for i in range(args.repeats):
-        elapsed, rows = run_runner(runner_spec(model_dir, args, seed=i), work / f"runner-{i}")
-        runner_s.append(elapsed)
-        steps.append(rows[0])
-        bare_s.append(run_bare(pipe, spec, None, [i], work / f"bare-{i}"))
+    runner_s, bare_s, runner_rows = [], [], []
+    specs = [runner_spec(model_dir, args, seed=i) for i in range(args.repeats)]
+    for i, runner_job in enumerate(specs):
+        def runner_way():
+            elapsed, rows = run_runner(runner_job, work / f"runner-{i}")
+            runner_s.append(elapsed)
+            runner_rows.append(rows[0])
+
+        def bare_way():
+            bare_s.append(run_bare(pipe, spec, None, [i], work / f"bare-{i}"))
+
+        for way in ((runner_way, bare_way) if i % 2 == 0 else (bare_way, runner_way)):  # a b, b a: no order bias
+            way()
+    del pipe
+    steps = runner_rows
     log_s = statistics.median(r["time_log_s"] for r in steps)
     return {
         "runner_s": runner_s, "bare_s": bare_s,

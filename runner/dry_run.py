@@ -21,12 +21,13 @@ def report(jobs: list[list[str]], configs: list[DictConfig], history_path) -> st
         try:
             spec = make_spec(cfg)
         except ConfigError as err:
-            lines.append(f"{num:>3}  {'-':>6}  {'-':>5}  {'-':>8}  {' '.join(overrides)}  error: {err}")
+            lines.append(f"{num:>3}  {'-':>6}  {'-':>5}  {'-':>8}  {shown_overrides(overrides)}  error: {err}")
             continue
         images = len(spec.prompts) * len(spec.seeds)
-        per_step, load = rates(history, spec)
+        per_step, per_image, load = rates(history, spec)
         model = (spec.name_or_path, spec.dtype, spec.device)
-        estimate = None if per_step is None else images * spec.steps * per_step + (load if model != previous_model else 0)
+        estimate = (None if per_step is None else
+                    images * (spec.steps * per_step + per_image) + (load if model != previous_model else 0))
         previous_model = model
         total_images += images
         if estimate is None:
@@ -34,10 +35,14 @@ def report(jobs: list[list[str]], configs: list[DictConfig], history_path) -> st
         else:
             total_s += estimate
         shown = "?" if estimate is None else f"{estimate:.1f}"
-        lines.append(f"{num:>3}  {images:>6}  {spec.steps:>5}  {shown:>8}  {' '.join(overrides) or '(defaults)'}")
+        lines.append(f"{num:>3}  {images:>6}  {spec.steps:>5}  {shown:>8}  {shown_overrides(overrides)}")
     note = f" ({unknown} job(s) with no earlier results of their model/device/dtype not counted)" if unknown else ""
     lines.append(f"total: {total_images} image(s), about {total_s:.1f} s{note}")
     return "\n".join(lines)
+
+
+def shown_overrides(overrides: list[str]) -> str:
+    return " ".join(o for o in overrides if not o.startswith("dry_run")) or "(defaults)"
 
 
 def without_hydra(cfg: DictConfig) -> DictConfig:
@@ -62,17 +67,19 @@ def past_rows(path):
     return df if len(df) else None
 
 
-def rates(history, spec) -> tuple[float | None, float]:
-    """(seconds per image per step, seconds per model load) from rows like this spec's, or (None, 0)."""
+def rates(history, spec) -> tuple[float | None, float, float]:
+    """(seconds per image per step, per image outside the loop, per model load) from rows like this spec's."""
     if history is None:
-        return None, 0.0
+        return None, 0.0, 0.0
     same = history[(history["model"] == spec.model) & (history["device"] == spec.device) & (history["dtype"] == spec.dtype)]
     if same.empty:
-        return None, 0.0
+        return None, 0.0, 0.0
     images_in_job = same["images_per_s"] * same["time_total_s"]
-    per_step = ((same["time_total_s"] - same["time_load_s"]) / images_in_job / same["steps"]).median()
+    denoise = same["time_denoise_s"] if "time_denoise_s" in same else same["time_total_s"] - same["time_load_s"]
+    per_step = (denoise / images_in_job / same["steps"]).median()
+    per_image = ((same["time_total_s"] - same["time_load_s"] - denoise) / images_in_job).median()  # encode, decode, save
     loads = same.loc[~same["model_cached"].astype(bool), "time_load_s"] if "model_cached" in same else same["time_load_s"]
-    return float(per_step), float(loads.median()) if len(loads) else 0.0
+    return float(per_step), float(per_image), float(loads.median()) if len(loads) else 0.0
 
 
 def single_run_report(cfg: DictConfig, overrides: list[str]) -> str:

@@ -1,5 +1,6 @@
 """Precision group options: composed by Hydra, checked, applied to the modules, recorded in the rows (CPU)."""
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -100,3 +101,13 @@ def test_cli_refuses_cpu_offload_on_cpu(tmp_path):
         "error: precision.cpu_offload=True is not allowed: false on CPU: model CPU offload moves weights to a CUDA "
         "device per call"]
     assert not (tmp_path / "results").exists() or not any((tmp_path / "results").rglob("*.png"))
+
+
+@pytest.mark.skipif(os.environ.get("RUNNER_TEST_COMPILE") != "1",
+                    reason="torch.compile's first call takes ~45 s on 2 CPU cores; RUNNER_TEST_COMPILE=1 runs it")
+def test_compiled_job_times_compile_apart_and_keeps_the_image(tmp_path):
+    plain = run_job_in(tmp_path / "plain", "steps=3", "seed=2", "scheduler=ddim")[0]
+    compiled = run_job_in(tmp_path / "compiled", "steps=3", "seed=2", "scheduler=ddim", "precision.compile=true")[0]
+    assert compiled["time_compile_s"] > 0 and not compiled["time_includes_warmup"]
+    assert compiled["time_first_step_s"] < compiled["time_compile_s"]  # the compiling call is not a step
+    assert np.abs(image(plain) - image(compiled)).max() <= 1
