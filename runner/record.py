@@ -84,6 +84,16 @@ def arrow_parquet_bytes(rows: list[dict]) -> bytes | None:
     return buffer.getvalue()
 
 
+def csv_bytes(rows: list[dict]) -> bytes:
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
 def write_table(path: Path, rows) -> None:
     """Rows (a list of dicts or a DataFrame) to parquet or CSV, by the file's suffix."""
     import pandas as pd
@@ -92,6 +102,8 @@ def write_table(path: Path, rows) -> None:
         data = arrow_parquet_bytes(rows)  # a job's rows: pyarrow directly is ~3x faster than through pandas
         if data is not None:
             return atomic_write_bytes(Path(path), data)
+    if Path(path).suffix == ".csv" and isinstance(rows, list) and rows:
+        return atomic_write_bytes(Path(path), csv_bytes(rows))  # a job's schedule: no pandas round trip
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     for column in df.columns[df.dtypes == object]:
         # A refused point can hold what the user typed (steps=abc) beside numbers: store such a column as text.
