@@ -37,7 +37,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="default: 20 (tiny), 30 (sd15)")
     p.add_argument("--size", type=int, default=None, help="height = width; default: the model's native size")
     p.add_argument("--guidance", type=float, default=7.5)
-    p.add_argument("--repeats", type=int, default=10, help="per-image case: images per way (batched: half, sweep: a fifth)")
+    p.add_argument("--repeats", type=int, default=30,
+                   help="per-image case: images per way (batched case: repeats/5 rounds, sweep case: repeats/10)")
     p.add_argument("--batch", type=int, default=8, help="batched case: seeds per batch")
     p.add_argument("--schedulers", default="ddim,euler,dpmpp_2m", help="sweep case: scheduler options")
     p.add_argument("--guidances", default="3,7.5")
@@ -203,7 +204,7 @@ def case_batched(model_dir, args, work: Path) -> dict:
     run_runner(batched_spec, work / "warm")  # first call of the batch shape (and compile) kept out of the timings
     run_bare_batch(pipe, batched_spec, seeds, work / "warm-bare")
     batched_s, single_s, bare_batched_s, max_diff = [], [], [], 0
-    for i in range(max(1, args.repeats // 2)):
+    for i in range(max(1, args.repeats // 5)):
         elapsed, batch_rows = run_runner(batched_spec, work / f"batched-{i}")
         batched_s.append(elapsed)
         total, single_rows = 0.0, []
@@ -247,7 +248,7 @@ def case_sweep(model_dir, args, work: Path) -> dict:
     bare_points = [(runner_spec(model_dir, args, scheduler=s).scheduler_class, runner_spec(model_dir, args, guidance=g, seed=0))
                    for s in schedulers for g in guidances]
     runner_s, bare_s = [], []
-    for i in range(max(1, args.repeats // 5)):
+    for i in range(max(1, args.repeats // 10)):
         clear_model_cache()  # model load included
         start = clock(args.device)
         for j, spec in enumerate(runner_specs):

@@ -1,8 +1,9 @@
 """`dry_run=true`: what a run or sweep would make, and about how long it would take. Nothing loads or runs.
 
 The estimate comes from earlier result rows (runner.results.load over `dry_run_results`, default `results/`)
-of the same model, device and dtype: the median seconds per image per denoising step, times each job's images
-and steps, plus the median load time once per model switch. Jobs with no such history show "?".
+of the same model, device and dtype: the median seconds per image per denoising step times each job's images and
+steps, plus the median seconds per image outside the loop (encode, decode, save), plus the median load time once
+per model switch. Jobs flagged `time_includes_warmup` are left out of the rates when there are others. Jobs with no such history show "?".
 """
 
 from omegaconf import DictConfig, OmegaConf, open_dict
@@ -74,11 +75,13 @@ def rates(history, spec) -> tuple[float | None, float, float]:
     same = history[(history["model"] == spec.model) & (history["device"] == spec.device) & (history["dtype"] == spec.dtype)]
     if same.empty:
         return None, 0.0, 0.0
+    loads = same.loc[~same["model_cached"].astype(bool), "time_load_s"] if "model_cached" in same else same["time_load_s"]
+    if "time_includes_warmup" in same and (~same["time_includes_warmup"].astype(bool)).any():
+        same = same[~same["time_includes_warmup"].astype(bool)]  # first calls after a load are not typical
     images_in_job = same["images_per_s"] * same["time_total_s"]
     denoise = same["time_denoise_s"] if "time_denoise_s" in same else same["time_total_s"] - same["time_load_s"]
     per_step = (denoise / images_in_job / same["steps"]).median()
     per_image = ((same["time_total_s"] - same["time_load_s"] - denoise) / images_in_job).median()  # encode, decode, save
-    loads = same.loc[~same["model_cached"].astype(bool), "time_load_s"] if "model_cached" in same else same["time_load_s"]
     return float(per_step), float(per_image), float(loads.median()) if len(loads) else 0.0
 
 
