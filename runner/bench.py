@@ -305,7 +305,9 @@ def build_sd15(out_dir: Path, dtype: str) -> str:
     read = lambda name: json.loads((CONFIGS / name).read_text())  # noqa: E731
     torch.manual_seed(0)
     tokenizer = CLIPTokenizer.from_pretrained(embedded_model_path("tiny-sd"), subfolder="tokenizer")
-    text_config = CLIPTextConfig(**{**read("sd15_text_encoder.json"), "vocab_size": len(tokenizer)})
+    text_config = CLIPTextConfig(**read("sd15_text_encoder.json"), vocab_size=len(tokenizer),
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
     pipe = StableDiffusionPipeline(
         vae=AutoencoderKL.from_config(read("sd15_vae.json")), text_encoder=CLIPTextModel(text_config),
         tokenizer=tokenizer, unet=UNet2DConditionModel.from_config(read("sd15_unet.json")),

@@ -76,7 +76,7 @@ def arrow_parquet_bytes(rows: list[dict]) -> bytes | None:
     import pyarrow.parquet as pq
 
     try:
-        table = pa.Table.from_pylist(rows)
+        table = pa.Table.from_pylist(same_keys(rows))  # from_pylist alone takes its columns from the first row
     except (pa.ArrowInvalid, pa.ArrowTypeError):
         return None
     buffer = io.BytesIO()
@@ -84,9 +84,19 @@ def arrow_parquet_bytes(rows: list[dict]) -> bytes | None:
     return buffer.getvalue()
 
 
-def csv_bytes(rows: list[dict]) -> bytes:
+def same_keys(rows: list[dict]) -> list[dict]:
+    """Every row with every column of any row (None where it has none), in first-seen order."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return [{k: row.get(k) for k in keys} for row in rows]
+
+
+def csv_bytes(rows: list[dict]) -> bytes | None:
+    """CSV as pandas writes it, for plain values; None when a value needs pandas (NaN, containers)."""
     import csv
 
+    rows = same_keys(rows)
+    if any(not isinstance(v, (str, int, float, type(None))) or v != v for row in rows for v in row.values()):
+        return None
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
@@ -103,7 +113,9 @@ def write_table(path: Path, rows) -> None:
         if data is not None:
             return atomic_write_bytes(Path(path), data)
     if Path(path).suffix == ".csv" and isinstance(rows, list) and rows:
-        return atomic_write_bytes(Path(path), csv_bytes(rows))  # a job's schedule: no pandas round trip
+        data = csv_bytes(rows)  # a job's schedule: no pandas round trip
+        if data is not None:
+            return atomic_write_bytes(Path(path), data)
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     for column in df.columns[df.dtypes == object]:
         # A refused point can hold what the user typed (steps=abc) beside numbers: store such a column as text.

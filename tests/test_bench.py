@@ -33,3 +33,18 @@ def test_bench_writes_and_prints_the_ratios(tmp_path):
     assert sweep["points"] == 4 and len(sweep["runner_s"]) == len(sweep["bare_s"]) == 1
     assert report["environment"]["torch_version"] and report["environment"]["device"] == "cpu"
     assert "runner_mfu" not in per_image  # FLOP utilisation only for the SD1.5-shaped UNet on a known GPU
+
+
+def test_flop_utilisation_formula():
+    from types import SimpleNamespace
+
+    from runner.bench import flops
+
+    spec = SimpleNamespace(guidance=7.5, steps=30, height=512, width=512, device="cpu")
+    out = flops(spec, images=8, seconds=2.0, prefix="x_", sd15=True)
+    assert out["x_images_per_s"] == 4.0
+    assert out["x_tflops"] == 8 * (30 * 2 * 0.80 + 2.5) / 2.0  # CFG doubles the UNet batch
+    assert "x_mfu" not in out  # no known peak on CPU
+    no_cfg = flops(SimpleNamespace(**{**vars(spec), "guidance": 1.0}), images=1, seconds=1.0, prefix="", sd15=True)
+    assert no_cfg["tflops"] == 30 * 0.80 + 2.5
+    assert set(flops(spec, images=1, seconds=1.0, prefix="", sd15=False)) == {"images_per_s"}
