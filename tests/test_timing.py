@@ -81,3 +81,20 @@ def test_readme_documents_every_column(two_jobs):
     columns = [c for c in two_jobs[0][0] if c.startswith(("time_", "mem_", "precision_"))] + ["images_per_s", "gpu_driver"]
     missing = [c for c in columns if f"`{c}`" not in readme]
     assert not missing, f"README does not document {missing}"
+
+
+def test_text_embeddings_computed_once_per_prompt():
+    from runner.components import load_components
+    from runner.job import TextEmbeddings
+    from runner.spec import make_spec
+    from tests.conftest import compose_config
+
+    spec = make_spec(compose_config("prompt=[a cat,a dog]", "negative_prompt=blurry"))
+    timer = timing.Timer("cpu")
+    embeds = TextEmbeddings(load_components(spec)[0], spec, timer)
+    first = embeds(["a cat", "a cat", "a dog"])
+    embeds(["a dog", "a cat"])
+    embeds(["blurry"] * 3)
+    embeds(["blurry"])
+    assert len(timer.laps["encode"]) == 2  # one encoder call for both prompts, one for the negative prompt
+    assert (first[0] == first[1]).all() and not (first[0] == first[2]).all()
