@@ -37,8 +37,13 @@ def report(jobs: list[list[str]], configs: list[DictConfig], history_path) -> st
             total_s += estimate
         shown = "?" if estimate is None else f"{estimate:.1f}"
         lines.append(f"{num:>3}  {images:>6}  {spec.steps:>5}  {shown:>8}  {shown_overrides(overrides)}")
-    note = f" ({unknown} job(s) with no earlier results of their model/device/dtype not counted)" if unknown else ""
-    lines.append(f"total: {total_images} image(s), about {total_s:.1f} s{note}")
+    estimated = len(jobs) - unknown - sum(1 for line in lines if "  error: " in line)
+    if not estimated:
+        lines.append(f"total: {total_images} image(s), time unknown (no earlier results of these models on this "
+                     f"device and dtype under {history_path})")
+    else:
+        note = f" ({unknown} job(s) with no earlier results of their model/device/dtype not counted)" if unknown else ""
+        lines.append(f"total: {total_images} image(s), about {total_s:.1f} s{note}")
     return "\n".join(lines)
 
 

@@ -4,8 +4,9 @@ The cartesian product varies the keys that load weights (model, VAE, precision, 
 one model run back to back and a sweep over models × schedulers loads each model once (the model cache holds
 one model). With `dry_run=true` it lists the jobs and images and estimates the time from earlier results of the
 same model and device, and launches nothing: no job runs, no sweep dir is written.
-Registered in conf/config.yaml as `hydra.sweeper._target_` (Hydra accepts plugins only from the hydra_plugins
-namespace package, hence this location).
+Registered as the `hydra/sweeper` option `ordered` (conf/hydra/sweeper/ordered.yaml), the default in
+conf/config.yaml; `hydra/sweeper=basic` gives Hydra's own order back. Hydra accepts plugins only from the
+hydra_plugins namespace package, hence this location.
 """
 
 import logging
