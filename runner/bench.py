@@ -150,11 +150,11 @@ def clock(device: str) -> float:
 
 
 def clear_model_cache():
+    import gc
+
     from runner import components
 
     components._CACHE.clear()
-    import gc
-
     gc.collect()
 
 
@@ -180,13 +180,12 @@ def case_per_image(model_dir, args, work: Path) -> dict:
         for way in ((runner_way, bare_way) if i % 2 == 0 else (bare_way, runner_way)):  # a b, b a: no order bias
             way()
     del pipe
-    steps = runner_rows
-    log_s = statistics.median(r["time_log_s"] for r in steps)
+    log_s = statistics.median(r["time_log_s"] for r in runner_rows)
     return {
         "runner_s": runner_s, "bare_s": bare_s,
         "runner_median_s": statistics.median(runner_s), "bare_median_s": statistics.median(bare_s),
         "runner_over_bare": statistics.median(runner_s) / statistics.median(bare_s),
-        "runner_breakdown_median_s": {k: statistics.median(r[k] for r in steps) for k in (
+        "runner_breakdown_median_s": {k: statistics.median(r[k] for r in runner_rows) for k in (
             "time_encode_s", "time_denoise_s", "time_unet_s", "time_scheduler_s", "time_decode_s", "time_save_s",
             "time_log_s", "time_total_s")},
         "logging": ("W&B logging share: %.4f s per image" % log_s) if log_s else

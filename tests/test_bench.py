@@ -2,8 +2,6 @@
 
 import json
 
-from tests.conftest import REPO  # noqa: F401  (conftest sets HF_HUB_OFFLINE for the subprocess too)
-
 
 def test_bench_writes_and_prints_the_ratios(tmp_path):
     import os
