@@ -1,10 +1,11 @@
 """Load a model family through `from_pretrained`, safely, once per process.
 
-The cache key is what changes the weights (model, VAE, revision, dtype, device); the scheduler is not part
-of it, since every job builds its own from the model's scheduler config.
+The cache key is what changes the weights or the modules (model, VAE, revision, dtype, device, and the precision
+options that rebuild modules: channels_last, compile, attention, VAE slicing/tiling, CPU offload); the scheduler
+is not part of it, since every job builds its own from the model's scheduler config.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -22,6 +23,7 @@ class Components:
     vae: Any = None
     text_encoder: Any = None
     tokenizer: Any = None
+    warmed: set = field(default_factory=set)  # input shapes the UNet has already run (runner.precision.warm_up)
 
 
 _CACHE: dict[tuple, Components] = {}
@@ -35,11 +37,14 @@ def torch_dtype(name: str):
 
 def load_components(spec) -> tuple[Components, bool]:
     """The model's components, and whether they came from this process's cache."""
-    key = (spec.name_or_path, spec.revision, spec.vae, spec.dtype, spec.device, spec.allow_pickle)
+    from runner.precision import apply_options, cache_key
+
+    key = (spec.name_or_path, spec.revision, spec.vae, spec.dtype, spec.device, spec.allow_pickle,
+           cache_key(spec.precision_options))
     if key in _CACHE:
         return _CACHE[key], True
-    _CACHE.clear()  # one model in memory at a time: sweeps run jobs of one model back to back
-    _CACHE[key] = _load(spec)
+    _CACHE.clear()  # one model in memory at a time: sweeps run jobs of one model back to back (hydra_plugins/runner_sweeper)
+    _CACHE[key] = apply_options(_load(spec), spec.precision_options, spec.device) if spec.precision_options else _load(spec)
     return _CACHE[key], False
 
 

@@ -15,7 +15,6 @@ import platform
 import sys
 import traceback
 from pathlib import Path
-from time import perf_counter
 
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
@@ -50,6 +49,12 @@ def run(cfg: DictConfig) -> str:
     total = os.environ.get(SWEEP_SIZE_ENV, "?") if multirun else "1"
     log.info(f"[{context['job_num'] + 1}/{total}] {context['overrides'] or '(defaults)'}")
 
+    if cfg.get("dry_run", False):
+        from runner.dry_run import single_run_report
+
+        print(single_run_report(cfg, overrides))
+        discard_job_dir(job_dir)
+        return "ok"
     if finished(job_dir, context["config_hash"]):
         log.info("  already done (same config, every image ok): skipped")
         return "ok"
@@ -117,17 +122,24 @@ def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
     import torch
 
     from runner.components import load_components
-    from runner.timing import Timer
+    from runner.precision import needs_warm_up, row_columns, set_tf32, warm_up
+    from runner.timing import JobClock
 
-    start = perf_counter()
-    timer = Timer(spec.device)
     plan = [(prompt, seed) for prompt in spec.prompts for seed in spec.seeds]
-    base = dict(axis_values(spec), **context, **environment(spec), model_revision=spec.model_revision)
+    base = dict(axis_values(spec), **context, **environment(spec), **row_columns(spec.precision_options),
+                model_revision=spec.model_revision)
+    clock = JobClock(spec.device)  # after the one-off library imports; resets the peak-memory counters
+    timer = clock.timer
     rows, schedule = [], []
     try:
+        set_tf32(spec.precision_options.get("tf32", False), spec.device)
         with timer("load"):
             components, cached = load_components(spec)
         scheduler = build_job_scheduler(spec, components)
+        warmed_up = needs_warm_up(spec, spec.precision_options)
+        if warmed_up:  # first calls (CUDA init, autotuning, compiling) stay out of the step times
+            for size in sorted({len(plan[i:i + spec.batch_size]) for i in range(0, len(plan), spec.batch_size)}):
+                warm_up(components, spec, size, timer)
         embeds = TextEmbeddings(components, spec, timer)
         init_image = load_init_image(spec)
         kept = kept_images(job_dir, plan, context["config_hash"])  # a requeued or killed job's finished images
@@ -154,7 +166,7 @@ def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
             scheduler.set_timesteps(spec.steps)  # nothing was drawn, so the schedule is set here to record it
         schedule = recorded_schedule(spec, scheduler)
         write_table(job_dir / SCHEDULE_FILE, schedule)
-        times = timing_columns(timer, start, len(rows), cached)
+        times = clock.columns(len(rows), cached, warmed_up)
         rows = [dict(row, **times, status="ok", error="") for row in rows]
         log.info(f"  {len(rows)} image(s) in {times['time_total_s']:.2f} s  → {job_dir}")
     except Exception as err:  # record the point as failed; the sweep goes on
@@ -296,23 +308,6 @@ def recorded_schedule(spec: Spec, scheduler) -> list[dict]:
     return schedule
 
 
-def timing_columns(timer, start: float, n_images: int, cached: bool) -> dict:
-    totals = timer.totals
-    total = perf_counter() - start
-    return {
-        "model_cached": cached,
-        "time_load_s": 0.0 if cached else totals.get("load", 0.0),
-        "time_encode_s": totals.get("encode", 0.0),
-        "time_denoise_s": totals.get("step", 0.0),
-        "time_unet_s": totals.get("unet", 0.0),
-        "time_scheduler_s": totals.get("scheduler", 0.0),
-        "time_decode_s": totals.get("vae_decode", 0.0),
-        "time_save_s": totals.get("save", 0.0),
-        "time_total_s": total,
-        "images_per_s": n_images / total if total else 0.0,
-    }
-
-
 def axis_values(source) -> dict:
     """The columns a user sweeps, as typed (option names, not class names), from a spec or a raw config."""
     if isinstance(source, Spec):
@@ -333,17 +328,15 @@ def axis_values(source) -> dict:
 def environment(spec: Spec) -> dict:
     """Versions and hardware: what reproducing a row needs to know."""
     import diffusers
-    import torch
     import transformers
 
-    cuda = spec.device.startswith("cuda")
+    from runner.timing import hardware
+
     return {
-        "torch_version": torch.__version__,
+        **hardware(spec.device),  # torch and CUDA versions, GPU name and driver
         "diffusers_version": diffusers.__version__,
         "transformers_version": transformers.__version__,
         "python_version": platform.python_version(),
-        "cuda_version": torch.version.cuda or "",
-        "gpu": torch.cuda.get_device_name(spec.device) if cuda else "",
         "hostname": platform.node(),
     }
 

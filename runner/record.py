@@ -70,10 +70,52 @@ def dataframe_bytes(df, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+def arrow_parquet_bytes(rows: list[dict]) -> bytes | None:
+    """Parquet of rows whose columns each hold one type; None when a column mixes types (pandas handles those)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pa.Table.from_pylist(same_keys(rows))  # from_pylist alone takes its columns from the first row
+    except (pa.ArrowInvalid, pa.ArrowTypeError):
+        return None
+    buffer = io.BytesIO()
+    pq.write_table(table, buffer)
+    return buffer.getvalue()
+
+
+def same_keys(rows: list[dict]) -> list[dict]:
+    """Every row with every column of any row (None where it has none), in first-seen order."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    return [{k: row.get(k) for k in keys} for row in rows]
+
+
+def csv_bytes(rows: list[dict]) -> bytes | None:
+    """CSV as pandas writes it, for plain values; None when a value needs pandas (NaN, containers)."""
+    import csv
+
+    rows = same_keys(rows)
+    if any(not isinstance(v, (str, int, float, type(None))) or v != v for row in rows for v in row.values()):
+        return None
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue().encode()
+
+
 def write_table(path: Path, rows) -> None:
     """Rows (a list of dicts or a DataFrame) to parquet or CSV, by the file's suffix."""
     import pandas as pd
 
+    if Path(path).suffix == ".parquet" and isinstance(rows, list):
+        data = arrow_parquet_bytes(rows)  # a job's rows: pyarrow directly is ~3x faster than through pandas
+        if data is not None:
+            return atomic_write_bytes(Path(path), data)
+    if Path(path).suffix == ".csv" and isinstance(rows, list) and rows:
+        data = csv_bytes(rows)  # a job's schedule: no pandas round trip
+        if data is not None:
+            return atomic_write_bytes(Path(path), data)
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     for column in df.columns[df.dtypes == object]:
         # A refused point can hold what the user typed (steps=abc) beside numbers: store such a column as text.

@@ -98,7 +98,8 @@ def sample_text_to_image(unet, vae, scheduler, cond_embeds, uncond_embeds, gener
     (1, 3, H, W)) it is img2img, as StableDiffusionImg2ImgPipeline: the image is encoded, noised to the
     timestep that `strength` picks, and only the remaining steps run.
     """
-    device, dtype = unet.device, cond_embeds.dtype
+    # The embeddings sit on the execution device, also under model CPU offload (where unet.device says "cpu").
+    device, dtype = cond_embeds.device, cond_embeds.dtype
     use_cfg = guidance > 1 and unet.config.time_cond_proj_dim is None
     # 1. the schedule first: init_noise_sigma and img2img's start depend on it
     scheduler.set_timesteps(steps, device=device)

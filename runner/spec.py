@@ -79,6 +79,7 @@ class Spec:
     init_image: str | None
     strength: float
     extras: dict = field(default_factory=dict)
+    precision_options: dict = field(default_factory=dict)  # runner.precision: tf32, channels_last, compile ...
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -308,6 +309,9 @@ def make_spec(cfg: DictConfig) -> Spec:
     if info.family == "unconditional":  # no text encoder: prompts would only duplicate images and mislabel rows
         prompts, negative_prompt = [""], ""
     device = resolve_device(c["device"])
+    from runner.precision import check_options
+
+    precision_options = check_options(prec, device, info.family)
     return Spec(
         model=model["name"], name_or_path=model["name_or_path"], revision=model.get("revision"), vae=model.get("vae"),
         allow_pickle=bool(model.get("allow_pickle", False)), family=info.family, model_revision=info.revision,
@@ -316,4 +320,5 @@ def make_spec(cfg: DictConfig) -> Spec:
         steps=steps, guidance=guidance, seeds=tuple(seeds), prompts=tuple(prompts), negative_prompt=negative_prompt,
         height=sizes["height"], width=sizes["width"], batch_size=batch_size, eta=eta,
         progress=bool(sampling.get("progress", True)), init_image=init_image, strength=strength,
+        precision_options=precision_options,
     )

@@ -1,0 +1,375 @@
+"""`python -m runner.bench`: the runner against the loop a user would write with plain diffusers, in one process.
+
+    (a) runner: a Hydra-composed spec through run_spec (PNGs, rows.parquet, schedule.csv written, as in a sweep)
+    (b) bare:   a StableDiffusionPipeline loaded once, called per image, scheduler swapped by from_config,
+                each image saved as a PNG
+
+Cases, the two ways interleaved (a, b, a, b ...) so that machine noise hits both alike:
+    per_image  batch 1, the model already loaded: median seconds per image          → runner_over_bare
+    batched    8 seeds as one runner job vs the same 8 as 8 runner jobs              → batched_over_single
+    sweep      12 points (schedulers × guidance × seeds), model load included       → sweep_over_bare
+
+Writes results/bench/<timestamp>.json; the last printed line is one JSON object with the headline ratios.
+`--unet sd15` builds an SD 1.5-shaped pipeline with random weights from the configs in runner/bench_configs/
+(no download) for GPU runs at 512×512, 30 steps, fp16, CFG, and reports images/s and model FLOP utilisation.
+"""
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+from runner import embedded_model_path
+
+CONFIGS = Path(__file__).parent / "bench_configs"
+UNET_TFLOP = 0.80  # one SD1.5 UNet forward at 64×64 latents, per sample
+VAE_DECODE_TFLOP = 2.5  # one SD1.5 VAE decode at 512×512
+PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, "L4": 121.0, "A10": 125.0, "4090": 165.0}  # dense fp16/bf16
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m runner.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--unet", choices=("tiny", "sd15"), default="tiny", help="tiny: the embedded tiny-sd; sd15: SD1.5-shaped, random")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | bf16 (a conf/precision option)")
+    p.add_argument("--steps", type=int, default=None, help="default: 20 (tiny), 30 (sd15)")
+    p.add_argument("--size", type=int, default=None, help="height = width; default: the model's native size")
+    p.add_argument("--guidance", type=float, default=7.5)
+    p.add_argument("--repeats", type=int, default=30,
+                   help="per-image case: images per way (batched case: repeats/5 rounds, sweep case: repeats/10)")
+    p.add_argument("--batch", type=int, default=8, help="batched case: seeds per batch")
+    p.add_argument("--schedulers", default="ddim,euler,dpmpp_2m", help="sweep case: scheduler options")
+    p.add_argument("--guidances", default="3,7.5")
+    p.add_argument("--seeds", type=int, default=2, help="sweep case: seeds per point (points = schedulers × guidances × seeds)")
+    p.add_argument("--fast", action="store_true",
+                   help="both ways with torch.compile(UNet) + channels_last (GPU: also TF32)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--out", default="results/bench")
+    return p.parse_args(argv)
+
+
+# --------------------------------------------------------------------------- the two ways
+
+
+def runner_spec(model_dir: str, args, **overrides):
+    """A spec composed by Hydra exactly as `python -m runner key=value ...` would."""
+    from hydra import compose, initialize_config_dir
+
+    from runner.spec import make_spec
+
+    items = {"model.name_or_path": model_dir, "device": args.device, "precision": args.precision, "steps": args.steps,
+             "guidance": args.guidance, "sampling.progress": False, **overrides}
+    if args.size:
+        items.update(height=args.size, width=args.size)
+    if args.fast:
+        items.update({"precision.compile": True, "precision.channels_last": True})
+        items["precision.tf32"] = not str(args.device).startswith("cpu")
+    with initialize_config_dir(str(Path(__file__).parent.parent / "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[f"{k}={format_value(v)}" for k, v in items.items()])
+    return make_spec(cfg)
+
+
+def format_value(value) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def run_runner(spec, out_dir: Path) -> tuple[float, list[dict]]:
+    from runner.job import run_spec
+
+    context = {"job_dir": str(out_dir), "sweep_dir": "", "job_num": 0, "overrides": "bench", "config_hash": "bench"}
+    start = clock(spec.device)
+    rows = run_spec(spec, out_dir, context)
+    elapsed = clock(spec.device) - start
+    failed = [r for r in rows if r["status"] != "ok"]
+    if failed:
+        raise RuntimeError(f"runner failed: {failed[0]['error']}")
+    return elapsed, rows
+
+
+def load_bare(model_dir: str, spec, fast: bool = False):
+    """What a user writes first: the pipeline, loaded once (with --fast: the same speed options as the runner)."""
+    import diffusers
+    import torch
+
+    from runner.components import torch_dtype
+
+    diffusers.utils.logging.set_verbosity_error()
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch_dtype(spec.dtype),
+                                                             safety_checker=None, requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.to(spec.device)
+    if fast:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = spec.device.startswith("cuda")
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+        pipe.unet = torch.compile(pipe.unet)
+    return pipe
+
+
+def run_bare_batch(pipe, spec, seeds, out_dir: Path) -> float:
+    """The user's batched call: one pipeline call, one generator per image."""
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = clock(spec.device)
+    images = pipe([spec.prompts[0]] * len(seeds), negative_prompt=[spec.negative_prompt] * len(seeds),
+                  num_inference_steps=spec.steps, guidance_scale=spec.guidance, height=spec.height, width=spec.width,
+                  generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
+    for seed, image in zip(seeds, images):
+        image.save(out_dir / f"seed{seed}.png")
+    return clock(spec.device) - start
+
+
+def run_bare(pipe, spec, scheduler_class: str | None, seeds, out_dir: Path) -> float:
+    """One pipeline call per image, scheduler swapped by from_config, each image saved."""
+    import diffusers
+    import torch
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    start = clock(spec.device)
+    if scheduler_class:
+        pipe.scheduler = getattr(diffusers, scheduler_class).from_config(pipe.scheduler.config)
+    for seed in seeds:
+        image = pipe(spec.prompts[0], negative_prompt=spec.negative_prompt, num_inference_steps=spec.steps,
+                     guidance_scale=spec.guidance, height=spec.height, width=spec.width,
+                     generator=torch.Generator("cpu").manual_seed(seed)).images[0]
+        image.save(out_dir / f"seed{seed}.png")
+    return clock(spec.device) - start
+
+
+def clock(device: str) -> float:
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def clear_model_cache():
+    import gc
+
+    from runner import components
+
+    components._CACHE.clear()
+    gc.collect()
+
+
+# --------------------------------------------------------------------------- cases
+
+
+def case_per_image(model_dir, args, work: Path) -> dict:
+    spec = runner_spec(model_dir, args, seed=0)
+    pipe = load_bare(model_dir, spec, fast=args.fast)
+    run_runner(spec, work / "warm")  # both ways warm (first calls, model loaded) before timing
+    run_bare(pipe, spec, None, [0], work / "warm-bare")
+    runner_s, bare_s, runner_rows = [], [], []
+    specs = [runner_spec(model_dir, args, seed=i) for i in range(args.repeats)]
+    for i, runner_job in enumerate(specs):
+        def runner_way():
+            elapsed, rows = run_runner(runner_job, work / f"runner-{i}")
+            runner_s.append(elapsed)
+            runner_rows.append(rows[0])
+
+        def bare_way():
+            bare_s.append(run_bare(pipe, spec, None, [i], work / f"bare-{i}"))
+
+        for way in ((runner_way, bare_way) if i % 2 == 0 else (bare_way, runner_way)):  # a b, b a: no order bias
+            way()
+    del pipe
+    log_s = statistics.median(r["time_log_s"] for r in runner_rows)
+    return {
+        "runner_s": runner_s, "bare_s": bare_s,
+        "runner_median_s": statistics.median(runner_s), "bare_median_s": statistics.median(bare_s),
+        "runner_over_bare": statistics.median(runner_s) / statistics.median(bare_s),
+        "runner_breakdown_median_s": {k: statistics.median(r[k] for r in runner_rows) for k in (
+            "time_encode_s", "time_denoise_s", "time_unet_s", "time_scheduler_s", "time_decode_s", "time_save_s",
+            "time_log_s", "time_total_s")},
+        "logging": ("W&B logging share: %.4f s per image" % log_s) if log_s else
+                   "no logging step on this branch (time_log_s = 0): the runner is timed without W&B",
+        **flops(spec, images=1, seconds=statistics.median(runner_s), prefix="runner_", sd15=args.unet == "sd15"),
+        **flops(spec, images=1, seconds=statistics.median(bare_s), prefix="bare_", sd15=args.unet == "sd15"),
+    }
+
+
+def case_batched(model_dir, args, work: Path) -> dict:
+    seeds = list(range(100, 100 + args.batch))
+    batched_spec = runner_spec(model_dir, args, seed=seeds, **{"sampling.batch_size": len(seeds)})
+    single_specs = [runner_spec(model_dir, args, seed=seed) for seed in seeds]
+    pipe = load_bare(model_dir, batched_spec, fast=args.fast)
+    run_runner(batched_spec, work / "warm")  # first call of the batch shape (and compile) kept out of the timings
+    run_bare_batch(pipe, batched_spec, seeds, work / "warm-bare")
+    batched_s, single_s, bare_batched_s, max_diff = [], [], [], 0
+    for i in range(max(1, args.repeats // 5)):
+        elapsed, batch_rows = run_runner(batched_spec, work / f"batched-{i}")
+        batched_s.append(elapsed)
+        total, single_rows = 0.0, []
+        for seed, spec in zip(seeds, single_specs):
+            elapsed, rows = run_runner(spec, work / f"single-{i}-{seed}")
+            total += elapsed
+            single_rows += rows
+        single_s.append(total)
+        max_diff = max(max_diff, max_pixel_difference(batch_rows, single_rows))
+        bare_batched_s.append(run_bare_batch(pipe, batched_spec, seeds, work / f"bare-batched-{i}"))
+    del pipe
+    spec = batched_spec
+    return {
+        "images": len(seeds), "batched_s": batched_s, "single_s": single_s, "bare_batched_s": bare_batched_s,
+        "batched_over_single": statistics.median(batched_s) / statistics.median(single_s),
+        "runner_batched_over_bare_batched": statistics.median(batched_s) / statistics.median(bare_batched_s),
+        # per-image determinism: each seed of the batch is that seed drawn alone (batched convolutions may
+        # round differently, so within 1/255, the parity tests' tolerance)
+        "batched_max_pixel_diff_vs_single": max_diff,
+        **flops(spec, images=len(seeds), seconds=statistics.median(batched_s), prefix="batched_", sd15=args.unet == "sd15"),
+        **flops(spec, images=len(seeds), seconds=statistics.median(bare_batched_s), prefix="bare_batched_",
+                sd15=args.unet == "sd15"),
+    }
+
+
+def max_pixel_difference(rows_a, rows_b) -> int:
+    import numpy as np
+    from PIL import Image
+
+    read = lambda row: np.asarray(Image.open(Path(row["job_dir"]) / row["image_path"]), dtype=int)  # noqa: E731
+    return max(int(np.abs(read(a) - read(b)).max()) for a, b in zip(rows_a, rows_b))
+
+
+def case_sweep(model_dir, args, work: Path) -> dict:
+    schedulers = args.schedulers.split(",")
+    guidances = [float(g) for g in args.guidances.split(",")]
+    seeds = list(range(args.seeds))
+    points = len(schedulers) * len(guidances) * len(seeds)
+    # Specs are composed before the clocks start, for both ways: the bench times run_spec, not Hydra.
+    runner_specs = [runner_spec(model_dir, args, scheduler=s, guidance=g, seed=seeds) for s in schedulers for g in guidances]
+    bare_points = [(runner_spec(model_dir, args, scheduler=s).scheduler_class, runner_spec(model_dir, args, guidance=g, seed=0))
+                   for s in schedulers for g in guidances]
+    runner_s, bare_s = [], []
+    for i in range(max(1, args.repeats // 10)):
+        clear_model_cache()  # model load included
+        start = clock(args.device)
+        for j, spec in enumerate(runner_specs):
+            run_runner(spec, work / f"sweep-{i}-{j}")
+        runner_s.append(clock(args.device) - start)
+
+        start = clock(args.device)
+        pipe = load_bare(model_dir, bare_points[0][1], fast=args.fast)
+        for j, (class_name, spec) in enumerate(bare_points):
+            run_bare(pipe, spec, class_name, seeds, work / f"bare-sweep-{i}-{j}")
+        bare_s.append(clock(args.device) - start)
+        del pipe
+    return {"points": points, "runner_s": runner_s, "bare_s": bare_s,
+            "sweep_over_bare": statistics.median(runner_s) / statistics.median(bare_s),
+            "how": "runner: one job per (scheduler, guidance) with the seeds batched, model loaded once by its cache; "
+                   "bare: pipeline loaded once, one call per image"}
+
+
+def flops(spec, images: int, seconds: float, prefix: str, sd15: bool) -> dict:
+    """Images/s and, for the SD1.5-shaped UNet on a known GPU, model FLOP utilisation."""
+    out = {f"{prefix}images_per_s": images / seconds}
+    if sd15:
+        cfg = 2 if spec.guidance > 1 else 1
+        scale = (spec.height // 8) * (spec.width // 8) / (64 * 64)
+        tflop = images * (spec.steps * cfg * UNET_TFLOP * scale + VAE_DECODE_TFLOP * scale)
+        out[f"{prefix}tflops"] = tflop / seconds
+        peak = peak_tflops(spec.device)
+        if peak:
+            out[f"{prefix}mfu"] = tflop / seconds / peak
+    return out
+
+
+def peak_tflops(device: str) -> float | None:
+    if not str(device).startswith("cuda"):
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+
+
+# --------------------------------------------------------------------------- SD1.5-shaped model
+
+
+def build_sd15(out_dir: Path, dtype: str) -> str:
+    """An SD 1.5-shaped pipeline with random weights from the real configs (runner/bench_configs/), saved as
+    safetensors in diffusers layout. The tokenizer is tiny-sd's character tokenizer (shapes are what matter)."""
+    import torch
+    from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    from runner.components import torch_dtype
+
+    read = lambda name: json.loads((CONFIGS / name).read_text())  # noqa: E731
+    torch.manual_seed(0)
+    tokenizer = CLIPTokenizer.from_pretrained(embedded_model_path("tiny-sd"), subfolder="tokenizer")
+    text_config = CLIPTextConfig(**read("sd15_text_encoder.json"), vocab_size=len(tokenizer),
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
+    pipe = StableDiffusionPipeline(
+        vae=AutoencoderKL.from_config(read("sd15_vae.json")), text_encoder=CLIPTextModel(text_config),
+        tokenizer=tokenizer, unet=UNet2DConditionModel.from_config(read("sd15_unet.json")),
+        scheduler=PNDMScheduler.from_config(read("sd15_scheduler.json")), safety_checker=None,
+        feature_extractor=None, requires_safety_checker=False)
+    pipe.to(torch_dtype(dtype)).save_pretrained(out_dir, safe_serialization=True)
+    return str(out_dir)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def environment(spec) -> dict:
+    import platform
+
+    import diffusers
+
+    from runner.timing import hardware
+
+    return {**hardware(spec.device), "diffusers_version": diffusers.__version__, "device": spec.device,
+            "dtype": spec.dtype, "cpu": platform.processor() or platform.machine(), "threads": torch_threads()}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    args.steps = args.steps or (30 if args.unet == "sd15" else 20)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    args.device = runner_spec(embedded_model_path("tiny-sd"), args).device  # auto → cpu | cuda, once
+    with tempfile.TemporaryDirectory(prefix="runner-bench-") as tmp:
+        work = Path(tmp)
+        model_dir = embedded_model_path("tiny-sd")
+        if args.unet == "sd15":
+            probe = runner_spec(model_dir, args)
+            print(f"building an SD1.5-shaped random-weight model ({probe.dtype}) for {probe.device} ...", flush=True)
+            model_dir = build_sd15(work / "sd15", probe.dtype)
+        spec = runner_spec(model_dir, args)
+        result = {"args": vars(args), "environment": environment(spec), "height": spec.height, "width": spec.width}
+        for name, case in (("per_image", case_per_image), ("batched", case_batched), ("sweep", case_sweep)):
+            print(f"case {name} ...", flush=True)
+            result[name] = case(model_dir, args, work / name)
+            print(json.dumps(result[name], default=str), flush=True)
+        clear_model_cache()
+    headline = {"runner_over_bare": result["per_image"]["runner_over_bare"],
+                "batched_over_single": result["batched"]["batched_over_single"],
+                "sweep_over_bare": result["sweep"]["sweep_over_bare"]}
+    result["headline"] = headline
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{time.strftime('%Y-%m-%d_%H-%M-%S')}_{args.unet}_{spec.device.replace(':', '')}.json"
+    path.write_text(json.dumps(result, indent=2, default=str))
+    print(f"written: {path}")
+    print(json.dumps(headline))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,95 @@
+"""`dry_run=true`: what a run or sweep would make, and about how long it would take. Nothing loads or runs.
+
+The estimate comes from earlier result rows (runner.results.load over `dry_run_results`, default `results/`)
+of the same model, device and dtype: the median seconds per image per denoising step times each job's images and
+steps, plus the median seconds per image outside the loop (encode, decode, save), plus the median load time once
+per model switch. Jobs flagged `time_includes_warmup` are left out of the rates when there are others. Jobs with no such history show "?".
+"""
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+
+def report(jobs: list[list[str]], configs: list[DictConfig], history_path) -> str:
+    """A plain-text table: one line per job, then the totals."""
+    from runner.spec import ConfigError, make_spec
+
+    history = past_rows(history_path)
+    lines = [f"dry run: {len(jobs)} job(s); nothing runs (estimates from {history_path})",
+             f"{'#':>3}  {'images':>6}  {'steps':>5}  {'est_s':>8}  overrides"]
+    total_images, total_s, unknown, previous_model = 0, 0.0, 0, None
+    for num, (overrides, cfg) in enumerate(zip(jobs, configs)):
+        cfg = without_hydra(cfg)
+        try:
+            spec = make_spec(cfg)
+        except ConfigError as err:
+            lines.append(f"{num:>3}  {'-':>6}  {'-':>5}  {'-':>8}  {shown_overrides(overrides)}  error: {err}")
+            continue
+        images = len(spec.prompts) * len(spec.seeds)
+        per_step, per_image, load = rates(history, spec)
+        model = (spec.name_or_path, spec.dtype, spec.device)
+        estimate = (None if per_step is None else
+                    images * (spec.steps * per_step + per_image) + (load if model != previous_model else 0))
+        previous_model = model
+        total_images += images
+        if estimate is None:
+            unknown += 1
+        else:
+            total_s += estimate
+        shown = "?" if estimate is None else f"{estimate:.1f}"
+        lines.append(f"{num:>3}  {images:>6}  {spec.steps:>5}  {shown:>8}  {shown_overrides(overrides)}")
+    estimated = len(jobs) - unknown - sum(1 for line in lines if "  error: " in line)
+    if not estimated:
+        lines.append(f"total: {total_images} image(s), time unknown (no earlier results of these models on this "
+                     f"device and dtype under {history_path})")
+    else:
+        note = f" ({unknown} job(s) with no earlier results of their model/device/dtype not counted)" if unknown else ""
+        lines.append(f"total: {total_images} image(s), about {total_s:.1f} s{note}")
+    return "\n".join(lines)
+
+
+def shown_overrides(overrides: list[str]) -> str:
+    return " ".join(o for o in overrides if not o.startswith("dry_run")) or "(defaults)"
+
+
+def without_hydra(cfg: DictConfig) -> DictConfig:
+    cfg = cfg.copy()
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+def past_rows(path):
+    """Earlier ok rows with timings, or None when there are none."""
+    from runner import results
+
+    try:
+        df = results.load(path)
+    except FileNotFoundError:
+        return None
+    needed = {"status", "time_total_s", "time_load_s", "images_per_s", "steps", "model", "device", "dtype"}
+    if df.empty or not needed <= set(df.columns):
+        return None
+    df = df[(df["status"] == "ok") & (df["time_total_s"] > 0) & (df["images_per_s"] > 0)]
+    return df if len(df) else None
+
+
+def rates(history, spec) -> tuple[float | None, float, float]:
+    """(seconds per image per step, per image outside the loop, per model load) from rows like this spec's."""
+    if history is None:
+        return None, 0.0, 0.0
+    same = history[(history["model"] == spec.model) & (history["device"] == spec.device) & (history["dtype"] == spec.dtype)]
+    if same.empty:
+        return None, 0.0, 0.0
+    loads = same.loc[~same["model_cached"].astype(bool), "time_load_s"] if "model_cached" in same else same["time_load_s"]
+    if "time_includes_warmup" in same and (~same["time_includes_warmup"].astype(bool)).any():
+        same = same[~same["time_includes_warmup"].astype(bool)]  # first calls after a load are not typical
+    images_in_job = same["images_per_s"] * same["time_total_s"]
+    denoise = same["time_denoise_s"] if "time_denoise_s" in same else same["time_total_s"] - same["time_load_s"]
+    per_step = (denoise / images_in_job / same["steps"]).median()
+    per_image = ((same["time_total_s"] - same["time_load_s"] - denoise) / images_in_job).median()  # encode, decode, save
+    return float(per_step), float(per_image), float(loads.median()) if len(loads) else 0.0
+
+
+def single_run_report(cfg: DictConfig, overrides: list[str]) -> str:
+    """The dry run of a single (not -m) run."""
+    return report([overrides], [cfg], OmegaConf.select(cfg, "dry_run_results", default="results"))

@@ -1,0 +1,138 @@
+"""The precision group's speed options on top of the dtype: checked from the config, applied to loaded components.
+
+Each is off or on by config (conf/precision_options/common.yaml) and recorded in every row (`precision_*`).
+Options that change the modules (channels_last, compile, attention, VAE slicing/tiling, CPU offload) are part of
+the model cache key; TF32 is a process-wide torch switch, set at the start of every job so it never leaks.
+"""
+
+from runner.spec import _fail
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+ATTENTION = ("sdpa", "eager")
+FLAGS = ("tf32", "channels_last", "compile", "vae_slicing", "vae_tiling", "cpu_offload")
+# Changing these changes the module objects, so cached components built with other values cannot be reused.
+MODULE_OPTIONS = ("channels_last", "compile", "compile_mode", "attention", "vae_slicing", "vae_tiling", "cpu_offload")
+
+
+def check_options(precision: dict, device: str, family: str) -> dict:
+    """The options of a composed `precision` config, checked against the device and the model family."""
+    options = {}
+    for flag in FLAGS:
+        value = precision.get(flag, False)
+        if not isinstance(value, bool):
+            _fail(f"precision.{flag}", value, "true or false")
+        options[flag] = value
+    options["compile_mode"] = precision.get("compile_mode", "default")
+    if options["compile_mode"] not in COMPILE_MODES:
+        _fail("precision.compile_mode", options["compile_mode"], " | ".join(COMPILE_MODES))
+    options["attention"] = precision.get("attention", "sdpa")
+    if options["attention"] not in ATTENTION:
+        _fail("precision.attention", options["attention"], " | ".join(ATTENTION) + " (sdpa: torch's scaled_dot_product_attention)")
+    if options["cpu_offload"] and not device.startswith("cuda"):
+        _fail("precision.cpu_offload", True, "false on CPU: model CPU offload moves weights to a CUDA device per call")
+    if options["cpu_offload"] and options["compile"]:
+        _fail("precision.cpu_offload", True, "false when precision.compile=true (offload hooks and compiled modules do not mix)")
+    for flag in ("vae_slicing", "vae_tiling", "cpu_offload"):
+        if options[flag] and family != "text-to-image":
+            _fail(f"precision.{flag}", True, "false for this model: it applies to text-to-image models (with a VAE)")
+    return options
+
+
+def cache_key(options: dict) -> tuple:
+    return tuple((name, options.get(name)) for name in MODULE_OPTIONS)
+
+
+def row_columns(options: dict) -> dict:
+    """The options as flat result columns."""
+    return {f"precision_{name}": value for name, value in options.items()}
+
+
+def set_tf32(enabled: bool, device: str):
+    """TF32 matmul/convolution on Ampere+ GPUs; a recorded no-op on CPU (torch ignores it there)."""
+    import torch
+
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+
+
+def apply_options(components, options: dict, device: str):
+    """Apply the module options to freshly loaded components (in place; returns them)."""
+    import torch
+
+    c = components
+    for module in (c.unet, c.vae):
+        if module is not None:
+            set_attention(module, options["attention"])
+    if options["channels_last"]:
+        c.unet.to(memory_format=torch.channels_last)
+        if c.vae is not None:
+            c.vae.to(memory_format=torch.channels_last)
+    if options["vae_slicing"]:
+        c.vae.enable_slicing()
+    if options["vae_tiling"]:
+        c.vae.enable_tiling()
+    if options["cpu_offload"]:
+        offload(c, device)
+    if options["compile"]:
+        c.unet = torch.compile(c.unet, mode=None if options["compile_mode"] == "default" else options["compile_mode"])
+    return c
+
+
+def set_attention(module, attention: str):
+    """Every attention layer of a model (UNet2DModel has no set_attn_processor) on SDPA or the eager processor."""
+    from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
+
+    for layer in module.modules():
+        if isinstance(layer, Attention):
+            layer.set_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
+
+
+def offload(components, device: str):
+    """Model CPU offload, as diffusers' enable_model_cpu_offload: each model moves to the GPU when it is called
+    and back to CPU when the next one runs (text encoder → UNet → VAE), through accelerate's hooks."""
+    from accelerate import cpu_offload_with_hook
+
+    c, hook = components, None
+    for name in ("text_encoder", "unet", "vae"):
+        module = getattr(c, name).to("cpu")
+        _, hook = cpu_offload_with_hook(module, device, prev_module_hook=hook)
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def needs_warm_up(spec, options: dict) -> bool:
+    """CUDA's first calls (cuDNN autotuning, lazy init) and torch.compile's first call are not representative."""
+    return spec.device.startswith("cuda") or options["compile"]
+
+
+def warm_up(components, spec, batch_size: int, timer):
+    """One UNet forward with the job's shapes, outside the denoising loop, once per shape per loaded model.
+
+    Timed as `compile` when the UNet is compiled (the first call compiles), else as `warmup`. A UNet forward
+    draws no random numbers, so the images are the same with or without it.
+    """
+    import torch
+
+    c = components
+    cfg = spec.guidance > 1 and c.family == "text-to-image" and c.unet.config.get("time_cond_proj_dim") is None
+    rows = batch_size * (2 if cfg else 1)
+    shape_key = (rows, spec.height, spec.width)
+    if shape_key in c.warmed:
+        return False
+    dtype = torch.float16 if spec.dtype == "fp16" else torch.bfloat16 if spec.dtype == "bf16" else torch.float32
+    device = spec.device
+    with timer("compile" if spec.precision_options.get("compile") else "warmup"), torch.no_grad():
+        if c.family == "unconditional":
+            x = torch.randn(rows, c.unet.config.in_channels, spec.height, spec.width, device=device, dtype=dtype)
+            c.unet(x, torch.tensor(1, device=device)).sample
+        else:
+            scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
+            x = torch.randn(rows, c.unet.config.in_channels, spec.height // scale, spec.width // scale,
+                            device=device, dtype=dtype)
+            embeds = torch.randn(rows, c.tokenizer.model_max_length, c.text_encoder.config.hidden_size,
+                                 device=device, dtype=dtype)
+            c.unet(x, torch.tensor(1, device=device), encoder_hidden_states=embeds, return_dict=False)
+    c.warmed.add(shape_key)
+    return True

@@ -1,0 +1,48 @@
+"""`python -m runner.bench` in a tiny configuration: the JSON it writes and prints (never wall-clock limits)."""
+
+import json
+
+
+def test_bench_writes_and_prints_the_ratios(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "bench"
+    result = subprocess.run(
+        [sys.executable, "-m", "runner.bench", "--steps", "2", "--repeats", "2", "--batch", "3", "--schedulers",
+         "ddim,euler", "--guidances", "7.5", "--seeds", "2", "--out", str(out)],
+        cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    headline = json.loads(result.stdout.strip().splitlines()[-1])
+    assert set(headline) == {"runner_over_bare", "batched_over_single", "sweep_over_bare"}
+    assert all(isinstance(v, float) and v > 0 for v in headline.values())
+
+    files = list(out.glob("*.json"))
+    assert len(files) == 1
+    report = json.loads(files[0].read_text())
+    assert report["headline"] == headline
+    per_image, batched, sweep = report["per_image"], report["batched"], report["sweep"]
+    assert len(per_image["runner_s"]) == len(per_image["bare_s"]) == 2
+    assert per_image["runner_over_bare"] == per_image["runner_median_s"] / per_image["bare_median_s"]
+    assert per_image["runner_breakdown_median_s"]["time_unet_s"] > 0
+    assert "logging" in per_image
+    assert batched["images"] == 3 and batched["batched_max_pixel_diff_vs_single"] <= 1
+    assert sweep["points"] == 4 and len(sweep["runner_s"]) == len(sweep["bare_s"]) == 1
+    assert report["environment"]["torch_version"] and report["environment"]["device"] == "cpu"
+    assert "runner_mfu" not in per_image  # FLOP utilisation only for the SD1.5-shaped UNet on a known GPU
+
+
+def test_flop_utilisation_formula():
+    from types import SimpleNamespace
+
+    from runner.bench import flops
+
+    spec = SimpleNamespace(guidance=7.5, steps=30, height=512, width=512, device="cpu")
+    out = flops(spec, images=8, seconds=2.0, prefix="x_", sd15=True)
+    assert out["x_images_per_s"] == 4.0
+    assert out["x_tflops"] == 8 * (30 * 2 * 0.80 + 2.5) / 2.0  # CFG doubles the UNet batch
+    assert "x_mfu" not in out  # no known peak on CPU
+    no_cfg = flops(SimpleNamespace(**{**vars(spec), "guidance": 1.0}), images=1, seconds=1.0, prefix="", sd15=True)
+    assert no_cfg["tflops"] == 30 * 0.80 + 2.5
+    assert set(flops(spec, images=1, seconds=1.0, prefix="", sd15=False)) == {"images_per_s"}
