@@ -341,9 +341,13 @@ def environment(spec: Spec) -> dict:
     }
 
 
+NOT_HASHED = ("wandb", "dry_run", "dry_run_results")  # settings that never change an image
+
+
 def config_hash(cfg: DictConfig) -> str:
-    """Identifies a sweep point: the sha256 of its resolved config."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
+    """Identifies a sweep point: the sha256 of its resolved config (less what cannot change an image)."""
+    plain = {k: v for k, v in OmegaConf.to_container(cfg, resolve=True).items() if k not in NOT_HASHED}
+    plain.get("sampling", {}).pop("progress", None)
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

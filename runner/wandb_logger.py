@@ -72,6 +72,8 @@ def _init(options: dict, **kwargs):
     sys.argv[:] = [scrub(a) for a in sys.argv]  # W&B copies sys.argv into its metadata
     if os.environ.get("WANDB_MODE") == "":
         del os.environ["WANDB_MODE"]  # wandb refuses an empty mode
+    # Tables' media are staged in W&B's data dir: keep them with the offline runs, so syncing the dir loses nothing
+    os.environ.setdefault("WANDB_DATA_DIR", str(Path(kwargs["dir"]) / "wandb" / "data"))
     common = dict(project=options.get("project"), entity=options.get("entity"), reinit="finish_previous",
                   settings=_settings(wandb, float(options.get("init_timeout_s", 30))), **kwargs)
     try:

@@ -86,11 +86,15 @@ def test_timings_and_status_in_the_summary(sweep):
 
 
 def test_sweep_summary_has_the_results_table_with_images_and_the_grid(sweep):
-    _, runs = sweep
+    sweep_dir, runs = sweep
     logged = runs["sweep-summary"]
     table = json.loads(next((logged["dir"] / "files" / "media" / "table").glob("results_*.table.json")).read_text())
     assert len(table["data"]) == 8 and table["columns"][-1] == "image"
-    assert all(row[-1] for row in table["data"])  # every cell of the image column holds an image
+    # W&B's in-run copy names the media ("Image"); the images themselves are staged for upload in the sweep dir
+    assert [row[-1] for row in table["data"]] == ["Image"] * 8
+    staged = {hashlib.sha256(p.read_bytes()).hexdigest() for p in (sweep_dir / "wandb" / "data").rglob("*")
+              if p.is_file() and p.read_bytes()[:4] == b"\x89PNG"}
+    assert set(pd.read_parquet(sweep_dir / "results.parquet").image_sha256) <= staged
     assert any(p.name.startswith("grid_") for p in (logged["dir"] / "files" / "media" / "images").glob("*.png"))
     assert logged["summary"]["images_ok"] == 8
 
