@@ -37,6 +37,7 @@ class SweepResults(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from runner import results
+        from runner.convergence import add_convergence
         from runner.record import write_table
 
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -45,6 +46,10 @@ class SweepResults(Callback):
         df = results.load(sweep_dir)
         if df.empty:
             return
+        try:
+            df = add_convergence(df)
+        except Exception as err:  # the metrics are extras: the table is still written without them
+            log.warning(f"sweep: convergence metrics not computed: {type(err).__name__}: {err}")
         write_table(sweep_dir / "results.parquet", df)
         write_table(sweep_dir / "results.csv", df)
         failed = df[df["status"] != "ok"]

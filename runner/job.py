@@ -21,7 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from runner.record import ROWS_FILE, SCHEDULE_FILE, save_image, write_table
+from runner.record import ROWS_FILE, SCHEDULE_FILE, save_image, save_latent, write_table
 from runner.spec import ConfigError, Spec, make_spec
 
 log = logging.getLogger("runner")
@@ -41,6 +41,7 @@ def run(cfg: DictConfig) -> str:
         "overrides": " ".join(overrides),
         "config_hash": config_hash(cfg),
     }
+    keep_hydra_settings(job_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None)
     total = os.environ.get(SWEEP_SIZE_ENV, "?") if multirun else "1"
     log.info(f"[{context['job_num'] + 1}/{total}] {context['overrides'] or '(defaults)'}")
 
@@ -64,6 +65,24 @@ def run(cfg: DictConfig) -> str:
         print(f"error: {failed[0]['error']} (details in {job_dir})", file=sys.stderr)
         sys.exit(1)
     return "failed" if failed else "ok"
+
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def keep_hydra_settings(saved_dir: Path | None) -> None:
+    """Hydra saves the job's composed config without the `hydra` node, so `python -m runner --config-path
+    <job>/.hydra --config-name config` would run with Hydra's own defaults (outputs/ dirs, no sweep callback).
+    Add our settings back; Hydra strips the node from the job's config again, so the config hash is unchanged."""
+    from runner.record import atomic_write_bytes
+
+    path = saved_dir / "config.yaml" if saved_dir else None
+    if path is None or not path.is_file():
+        return
+    saved = OmegaConf.load(path)
+    if "hydra" not in saved:
+        saved.hydra = OmegaConf.load(CONF_DIR / "config.yaml").hydra
+        atomic_write_bytes(path, OmegaConf.to_yaml(saved).encode())
 
 
 def finished(job_dir: Path, config_hash: str) -> bool:
@@ -100,13 +119,15 @@ def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
             batch = plan[first:first + spec.batch_size]
             generators = [torch.Generator("cpu").manual_seed(seed) for _, seed in batch]
             with timer("sample"):
-                images = sample_batch(spec, components, scheduler, batch, generators, embeds, init_image, timer)
+                images, latents = sample_batch(spec, components, scheduler, batch, generators, embeds, init_image,
+                                               timer)
             with timer("save"):
-                for (prompt, seed), image in zip(batch, images):
+                for i, ((prompt, seed), image) in enumerate(zip(batch, images)):
                     row = dict(base, prompt=prompt, seed=seed)
-                    index = len(rows)
-                    row["image_path"], row["image_sha256"] = save_image(
-                        job_dir, f"{index:03d}_seed{seed}", image, {k: row[k] for k in PNG_KEYS})
+                    name = f"{len(rows):03d}_seed{seed}"
+                    row["image_path"], row["image_sha256"] = save_image(job_dir, name, image,
+                                                                        {k: row[k] for k in PNG_KEYS})
+                    row["latent_path"] = save_latent(job_dir, name, latents[i]) if latents is not None else ""
                     rows.append(row)
         schedule = recorded_schedule(spec, scheduler)
         write_table(job_dir / SCHEDULE_FILE, schedule)
@@ -180,13 +201,12 @@ def sample_batch(spec: Spec, components, scheduler, batch, generators, embeds, i
     if c.family == "unconditional":
         images, _ = sample_unconditional(c.unet, scheduler, generators, spec.height, spec.width, spec.steps,
                                          eta=spec.eta, progress=spec.progress, timer=timer)
-        return images
+        return images, None  # pixel-space model: there is no latent beyond the image
     cond = embeds([prompt for prompt, _ in batch])
     uncond = embeds([spec.negative_prompt] * len(batch))
-    images, _ = sample_text_to_image(c.unet, c.vae, scheduler, cond, uncond, generators, spec.height, spec.width,
-                                     spec.steps, spec.guidance, eta=spec.eta, progress=spec.progress, timer=timer,
-                                     init_image=init_image, strength=spec.strength)
-    return images
+    return sample_text_to_image(c.unet, c.vae, scheduler, cond, uncond, generators, spec.height, spec.width,
+                                spec.steps, spec.guidance, eta=spec.eta, progress=spec.progress, timer=timer,
+                                init_image=init_image, strength=spec.strength)
 
 
 def recorded_schedule(spec: Spec, scheduler) -> list[dict]:
