@@ -40,6 +40,7 @@ def run(cfg: DictConfig) -> str:
         "job_num": hydra_cfg.job.num if multirun else 0,
         "overrides": " ".join(overrides),
         "config_hash": config_hash(cfg),
+        "config": resolved_config(cfg),
     }
     keep_hydra_settings(job_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None)
     total = os.environ.get(SWEEP_SIZE_ENV, "?") if multirun else "1"
@@ -272,10 +273,14 @@ def environment(spec: Spec) -> dict:
     }
 
 
+def resolved_config(cfg: DictConfig) -> str:
+    """The job's config with every interpolation resolved, as JSON (recorded in each row)."""
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str)
+
+
 def config_hash(cfg: DictConfig) -> str:
     """Identifies a sweep point: the sha256 of its resolved config."""
-    plain = OmegaConf.to_container(cfg, resolve=True)
-    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return hashlib.sha256(resolved_config(cfg).encode()).hexdigest()[:16]
 
 
 def free_memory():

@@ -32,13 +32,14 @@ def saved_config(job_dir: Path):
 
 def rerun(job_dir: Path, new_dir: Path) -> list[dict]:
     """Run the saved job again into `new_dir`; returns the new rows."""
-    from runner.job import config_hash, run_spec
+    from runner.job import config_hash, resolved_config, run_spec
     from runner.spec import make_spec
 
     cfg = saved_config(job_dir)
     spec = make_spec(cfg)
     context = {"job_dir": str(new_dir.resolve()), "sweep_dir": "", "job_num": 0,
-               "overrides": f"reproduce {job_dir}", "config_hash": config_hash(cfg)}
+               "overrides": f"reproduce {job_dir}", "config_hash": config_hash(cfg),
+               "config": resolved_config(cfg)}
     return run_spec(spec, new_dir, context)
 
 

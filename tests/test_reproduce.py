@@ -66,4 +66,6 @@ def test_plain_hydra_reruns_a_saved_job_config(small_sweep, tmp_path):
     new_rows, old_rows = pd.read_parquet(new_job / "rows.parquet"), pd.read_parquet(job / "rows.parquet")
     assert list(new_rows["image_sha256"]) == list(old_rows["image_sha256"])
     assert list(new_rows["config_hash"]) == list(old_rows["config_hash"])
+    assert list(new_rows["config"]) == list(old_rows["config"])
+    assert '"steps": 4' in old_rows["config"].iloc[0] and "${" not in old_rows["config"].iloc[0]  # resolved
     assert (new_job / ".hydra" / "config.yaml").read_text() == (job / ".hydra" / "config.yaml").read_text()
