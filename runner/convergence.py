@@ -57,9 +57,9 @@ def distances(image_path, ref_path, latent_path=None, ref_latent_path=None) -> d
     if a.shape != b.shape:
         return {}
     equal = np.array_equal(a, b)
-    # SSIM's default 7×7 window needs images of at least 7 pixels a side; tiny test models are 32×32 or more.
-    result = {"psnr_to_ref": float("inf") if equal else float(peak_signal_noise_ratio(b, a, data_range=255)),
-              "ssim_to_ref": float(structural_similarity(b, a, channel_axis=2, data_range=255))}
+    result = {"psnr_to_ref": float("inf") if equal else float(peak_signal_noise_ratio(b, a, data_range=255))}
+    if min(a.shape[:2]) >= 7:  # SSIM's 7×7 window needs images of at least 7 pixels a side
+        result["ssim_to_ref"] = float(structural_similarity(b, a, channel_axis=2, data_range=255))
     if _is_file(latent_path) and _is_file(ref_latent_path):
         la, lb = np.load(latent_path), np.load(ref_latent_path)
         if la.shape == lb.shape:

@@ -14,7 +14,8 @@ MAX_ROWS = 8
 
 def swept_axes(df) -> list[str]:
     """The axis columns that take more than one value in these rows, in AXES order."""
-    return [a for a in AXES if a in df.columns and df[a].nunique(dropna=False) > 1]
+    # Missing values don't count: a point refused before it ran records only the axes it was given.
+    return [a for a in AXES if a in df.columns and df[a].nunique(dropna=True) > 1]
 
 
 def _ordered(values):

@@ -184,6 +184,8 @@ def write_report(df, out: Path, reference=None, reference_scheduler: str | None 
     from runner.convergence import add_convergence
 
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob("grid_*.png"):  # from an earlier report of this sweep, with other axes
+        stale.unlink()
     df = add_convergence(df, reference=reference, scheduler=reference_scheduler)
     sections = []
     grids = grid_files(df, out)

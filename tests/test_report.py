@@ -97,3 +97,18 @@ def test_report_in_headless_chromium(report, tmp_path):
 
     assert Image.open(screenshot).size == (1400, 2400)
     print(f"report screenshot: {screenshot}")
+
+
+def test_report_with_a_failed_point(small_sweep, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(small_sweep, sweep)
+    refused = pd.read_parquet(sweep / "0" / "rows.parquet").iloc[:1].assign(
+        steps="abc", status="failed", error="steps='abc' is not allowed: an integer >= 1", image_path="",
+        image_sha256="", latent_path="")
+    (sweep / "4").mkdir()
+    refused.to_parquet(sweep / "4" / "rows.parquet")
+    result = run_report(sweep, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    page = (sweep / "report" / "report.html").read_text()
+    assert len(re.findall(r"<tr><td>", page)) == 9 and page.count("<td>failed</td>") == 1
+    assert "9 image(s), 8 ok, 1 failed" in page
