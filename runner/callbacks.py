@@ -46,6 +46,7 @@ class SweepResults(Callback):
 
     def write_sweep_results(self, config: DictConfig) -> None:
         from runner import results
+        from runner.convergence import add_convergence
         from runner.record import write_table
 
         sweep_dir = Path(config.hydra.sweep.dir)
@@ -54,6 +55,10 @@ class SweepResults(Callback):
         df = results.load(sweep_dir)
         if df.empty:
             return
+        try:
+            df = add_convergence(df)
+        except Exception as err:  # the metrics are extras: the table is still written without them
+            log.warning(f"sweep: convergence metrics not computed: {type(err).__name__}: {err}")
         write_table(sweep_dir / "results.parquet", df)
         write_table(sweep_dir / "results.csv", df)
         log_sweep_to_wandb(config, sweep_dir, df)

@@ -21,7 +21,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from runner.launch import pin_worker_gpu
-from runner.record import IMAGES_DIR, ROWS_FILE, SCHEDULE_FILE, save_image, write_table
+from runner.record import IMAGES_DIR, LATENTS_DIR, ROWS_FILE, SCHEDULE_FILE, save_image, save_latent, write_table
 from runner.spec import ConfigError, Spec, make_spec
 
 log = logging.getLogger("runner")
@@ -45,7 +45,9 @@ def run(cfg: DictConfig) -> str:
         "config_hash": config_hash(cfg),
         "worker_pid": os.getpid(),  # which process drew the row (parallel launchers run several)
         "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
+        "config": resolved_config(cfg),
     }
+    keep_hydra_settings(job_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None)
     total = os.environ.get(SWEEP_SIZE_ENV, "?") if multirun else "1"
     log.info(f"[{context['job_num'] + 1}/{total}] {context['overrides'] or '(defaults)'}")
 
@@ -105,6 +107,24 @@ def log_to_wandb(cfg: DictConfig, spec: Spec, rows: list[dict], job_dir: Path, c
     write_table(job_dir / ROWS_FILE, rows)
 
 
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def keep_hydra_settings(saved_dir: Path | None) -> None:
+    """Hydra saves the job's composed config without the `hydra` node, so `python -m runner --config-path
+    <job>/.hydra --config-name config` would run with Hydra's own defaults (outputs/ dirs, no sweep callback).
+    Add our settings back; Hydra strips the node from the job's config again, so the config hash is unchanged."""
+    from runner.record import atomic_write_bytes
+
+    path = saved_dir / "config.yaml" if saved_dir else None
+    if path is None or not path.is_file():
+        return
+    saved = OmegaConf.load(path)
+    if "hydra" not in saved:
+        saved.hydra = OmegaConf.load(CONF_DIR / "config.yaml").hydra
+        atomic_write_bytes(path, OmegaConf.to_yaml(saved).encode())
+
+
 def finished(job_dir: Path, config_hash: str) -> bool:
     """Whether this job dir already holds every image of this exact config (so a re-run sweep skips it)."""
     import pandas as pd
@@ -152,14 +172,16 @@ def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
             batch = todo[first:first + spec.batch_size]
             generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
             with timer("sample"):
-                images = sample_batch(spec, components, scheduler, [(p, s) for _, p, s in batch], generators, embeds,
-                                      init_image, timer)
+                images, latents = sample_batch(spec, components, scheduler, [(p, s) for _, p, s in batch], generators,
+                                               embeds, init_image, timer)
             with timer("save"):
                 inject_fault(context["job_num"], "save")
-                for (index, prompt, seed), image in zip(batch, images):
+                for i, ((index, prompt, seed), image) in enumerate(zip(batch, images)):
                     row = dict(base, prompt=prompt, seed=seed)
-                    row["image_path"], row["image_sha256"] = save_image(
-                        job_dir, image_name(index, seed), image, {k: row[k] for k in PNG_KEYS})
+                    name = image_name(index, seed)
+                    row["image_path"], row["image_sha256"] = save_image(job_dir, name, image,
+                                                                        {k: row[k] for k in PNG_KEYS})
+                    row["latent_path"] = save_latent(job_dir, name, latents[i]) if latents is not None else ""
                     drawn[index] = row
         rows = [drawn[i] if i in drawn else dict(base, prompt=p, seed=s, **kept[i]) for i, (p, s) in enumerate(plan)]
         if not drawn:
@@ -234,7 +256,9 @@ def kept_images(job_dir: Path, plan: list[tuple[str, int]], config_hash: str) ->
             continue
         if saved.get("config_hash") == config_hash and saved.get("prompt") == prompt and saved.get("seed") == seed:
             data = path.read_bytes()
-            kept[index] = {"image_path": f"{IMAGES_DIR}/{path.name}", "image_sha256": hashlib.sha256(data).hexdigest()}
+            latent = job_dir / LATENTS_DIR / f"{image_name(index, seed)}.npy"
+            kept[index] = {"image_path": f"{IMAGES_DIR}/{path.name}", "image_sha256": hashlib.sha256(data).hexdigest(),
+                           "latent_path": f"{LATENTS_DIR}/{latent.name}" if latent.is_file() else ""}
     return kept
 
 
@@ -288,13 +312,12 @@ def sample_batch(spec: Spec, components, scheduler, batch, generators, embeds, i
     if c.family == "unconditional":
         images, _ = sample_unconditional(c.unet, scheduler, generators, spec.height, spec.width, spec.steps,
                                          eta=spec.eta, progress=spec.progress, timer=timer)
-        return images
+        return images, None  # pixel-space model: there is no latent beyond the image
     cond = embeds([prompt for prompt, _ in batch])
     uncond = embeds([spec.negative_prompt] * len(batch))
-    images, _ = sample_text_to_image(c.unet, c.vae, scheduler, cond, uncond, generators, spec.height, spec.width,
-                                     spec.steps, spec.guidance, eta=spec.eta, progress=spec.progress, timer=timer,
-                                     init_image=init_image, strength=spec.strength)
-    return images
+    return sample_text_to_image(c.unet, c.vae, scheduler, cond, uncond, generators, spec.height, spec.width,
+                                spec.steps, spec.guidance, eta=spec.eta, progress=spec.progress, timer=timer,
+                                init_image=init_image, strength=spec.strength)
 
 
 def recorded_schedule(spec: Spec, scheduler) -> list[dict]:
@@ -342,6 +365,11 @@ def environment(spec: Spec) -> dict:
 
 
 NOT_HASHED = ("wandb", "dry_run", "dry_run_results")  # settings that never change an image
+
+
+def resolved_config(cfg: DictConfig) -> str:
+    """The job's config with every interpolation resolved, as JSON (recorded in each row)."""
+    return json.dumps(OmegaConf.to_container(cfg, resolve=True), sort_keys=True, default=str)
 
 
 def config_hash(cfg: DictConfig) -> str:

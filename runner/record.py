@@ -14,6 +14,7 @@ from pathlib import Path
 ROWS_FILE = "rows.parquet"
 SCHEDULE_FILE = "schedule.csv"
 IMAGES_DIR = "images"
+LATENTS_DIR = "latents"
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -59,6 +60,18 @@ def save_image(job_dir: Path, name: str, image, parameters: dict) -> tuple[str, 
     relative = f"{IMAGES_DIR}/{name}.png"
     atomic_write_bytes(Path(job_dir) / relative, data)
     return relative, hashlib.sha256(data).hexdigest()
+
+
+def save_latent(job_dir: Path, name: str, latent) -> str:
+    """Keep an image's final latent as a small float32 .npy (4×H/8×W/8: 64 KiB for 512×512), for latent-space
+    distances; returns its path relative to the job dir."""
+    import numpy as np
+
+    buffer = io.BytesIO()
+    np.save(buffer, latent.detach().float().cpu().numpy())
+    relative = f"{LATENTS_DIR}/{name}.npy"
+    atomic_write_bytes(Path(job_dir) / relative, buffer.getvalue())
+    return relative
 
 
 def dataframe_bytes(df, fmt: str) -> bytes:

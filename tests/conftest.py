@@ -54,3 +54,13 @@ def read_png(path) -> np.ndarray:
 @pytest.fixture
 def compose():
     return compose_config
+
+
+@pytest.fixture(scope="session")
+def small_sweep(tmp_path_factory) -> Path:
+    """A real 4-job sweep made through the CLI (ddim, euler × 2, 4 steps, seeds [0,1]): shared, never modified."""
+    sweep = tmp_path_factory.mktemp("small_sweep") / "sweep"
+    result = run_cli("-m", "scheduler=ddim,euler", "steps=2,4", "seed=[0,1]", "sampling.progress=false",
+                     f"hydra.sweep.dir={sweep}", cwd=sweep.parent)
+    assert result.returncode == 0, result.stderr
+    return sweep

@@ -1,0 +1,141 @@
+"""`python -m runner.reproduce JOB_DIR|SWEEP_DIR [--out DIR]`: re-run saved jobs and compare the images.
+
+Each job is rebuilt from its own `.hydra/config.yaml` (nothing from the current directory or the current conf/),
+run into a new directory, and every new image is compared with the saved file: by sha256, then pixel by pixel.
+The saved files are also checked against the hashes recorded in the rows. Exit 0 when every image is identical,
+1 when any differs, 2 when there is nothing to reproduce.
+"""
+
+import argparse
+import hashlib
+import logging
+import sys
+from datetime import datetime
+from pathlib import Path
+
+ENVIRONMENT_KEYS = ("torch_version", "diffusers_version", "transformers_version", "device", "gpu")
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def saved_config(job_dir: Path):
+    """The job's composed config, without the `hydra` node (our settings, kept for plain-Hydra re-runs)."""
+    from omegaconf import OmegaConf, open_dict
+
+    cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
+    with open_dict(cfg):
+        cfg.pop("hydra", None)
+    return cfg
+
+
+def rerun(job_dir: Path, new_dir: Path) -> list[dict]:
+    """Run the saved job again into `new_dir`; returns the new rows."""
+    from runner.job import config_hash, resolved_config, run_spec
+    from runner.spec import make_spec
+
+    cfg = saved_config(job_dir)
+    spec = make_spec(cfg)
+    context = {"job_dir": str(new_dir.resolve()), "sweep_dir": "", "job_num": 0,
+               "overrides": f"reproduce {job_dir}", "config_hash": config_hash(cfg),
+               "config": resolved_config(cfg)}
+    return run_spec(spec, new_dir, context)
+
+
+def pixel_difference(a_path: Path, b_path: Path) -> tuple[int, float]:
+    """Max absolute pixel difference (0-255) and PSNR in dB (inf when identical)."""
+    import numpy as np
+    from PIL import Image
+    from skimage.metrics import peak_signal_noise_ratio
+
+    a = np.asarray(Image.open(a_path).convert("RGB"))
+    b = np.asarray(Image.open(b_path).convert("RGB"))
+    if a.shape != b.shape:
+        return 255, 0.0
+    diff = int(np.abs(a.astype(int) - b.astype(int)).max())
+    return diff, float("inf") if diff == 0 else float(peak_signal_noise_ratio(a, b, data_range=255))
+
+
+def verdict(saved: dict, new: dict, job_dir: Path, new_dir: Path) -> tuple[bool, str]:
+    """(identical, one line) for one image: the saved file against its recorded hash and against the new image."""
+    name = saved["image_path"]
+    if saved.get("status") != "ok" or not name:
+        return True, f"skipped {name or '(no image)'}: the saved row is {saved.get('status')} ({saved.get('error')})"
+    saved_file = job_dir / name
+    if not saved_file.is_file():
+        return False, f"MISSING {saved_file}: the saved image file is gone"
+    notes = []
+    if sha256(saved_file) != saved["image_sha256"]:
+        notes.append("the saved file no longer matches the sha256 recorded in rows.parquet")
+    if new is None or new.get("status") != "ok":
+        return False, f"FAILED  {name}: the re-run did not produce it ({(new or {}).get('error', 'no row')})"
+    new_file = new_dir / new["image_path"]
+    if sha256(new_file) == sha256(saved_file) and not notes:
+        return True, f"identical {name} (sha256 {saved['image_sha256'][:12]})"
+    diff, psnr = pixel_difference(saved_file, new_file)
+    if diff == 0 and not notes:
+        return True, f"identical {name} (pixels equal; file bytes differ)"
+    notes.insert(0, f"max pixel difference {diff}, PSNR {psnr:.2f} dB")
+    return False, f"DIFFERS {name}: " + "; ".join(notes)
+
+
+def environment_warnings(saved_rows, new_rows) -> list[str]:
+    warnings = []
+    for key in ENVIRONMENT_KEYS:
+        old = {str(r.get(key)) for r in saved_rows if r.get(key) is not None} - {"nan"}
+        new = {str(r.get(key)) for r in new_rows if r.get(key) is not None} - {"nan"}
+        if old and new and old != new:
+            warnings.append(f"warning: {key} was {', '.join(sorted(old))}, now {', '.join(sorted(new))}")
+    return warnings
+
+
+def reproduce_job(job_dir: Path, new_dir: Path) -> bool:
+    """Re-run one job and print a verdict per image; True when every image is identical."""
+    import pandas as pd
+
+    from runner.record import ROWS_FILE
+
+    saved_rows = pd.read_parquet(job_dir / ROWS_FILE).to_dict("records")
+    print(f"{job_dir} → {new_dir}")
+    new_rows = rerun(job_dir, new_dir)
+    for warning in environment_warnings(saved_rows, new_rows):
+        print(f"  {warning}")
+    new_by_key = {(r["prompt"], r["seed"]): r for r in new_rows}
+    results = [verdict(r, new_by_key.get((r["prompt"], r["seed"])), job_dir, new_dir) for r in saved_rows]
+    for _, line in results:
+        print(f"  {line}")
+    return all(same for same, _ in results)
+
+
+def reproducible_jobs(path: Path) -> list[Path]:
+    from runner.results import job_dirs
+
+    return [d for d in job_dirs(path) if (d / ".hydra" / "config.yaml").is_file()]
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runner.reproduce", description=__doc__.splitlines()[0])
+    parser.add_argument("path", type=Path, help="a job dir or a sweep dir")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where the re-runs go (default: results/reproduce/<time>/ under the current directory)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not args.path.is_dir():
+        print(f"error: path={str(args.path)!r} is not allowed: a job dir or a sweep dir", file=sys.stderr)
+        return 2
+    jobs = reproducible_jobs(args.path)
+    if not jobs:
+        print(f"error: path={str(args.path)!r} holds no job (no rows.parquet beside a .hydra/config.yaml)",
+              file=sys.stderr)
+        return 2
+    out = args.out or Path("results") / "reproduce" / datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    root = args.path.resolve()
+    identical = [reproduce_job(job, out / (job.resolve().relative_to(root) if job.resolve() != root else ""))
+                 for job in jobs]
+    print(f"{sum(identical)}/{len(identical)} job(s) reproduced identically")
+    return 0 if all(identical) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
