@@ -116,7 +116,8 @@ class PeakMemory:
 
     def columns(self) -> dict:
         columns = {"mem_peak_rss_mb": peak_rss_bytes() / MB, "mem_rss_scope": self.rss_scope,
-                   "mem_cuda_peak_allocated_mb": 0.0, "mem_cuda_peak_reserved_mb": 0.0}
+                   # NaN, not 0, on CPU: nothing was measured, and charts and tables then leave it out
+                   "mem_cuda_peak_allocated_mb": float("nan"), "mem_cuda_peak_reserved_mb": float("nan")}
         if self.cuda:
             import torch
 

@@ -114,7 +114,8 @@ def log_job(options: dict, config: dict, spec, rows: list[dict], schedule: list[
             payload["images"] = images
         run.log(payload)
         first = rows[0] if rows else {}
-        run.summary.update({k: v for k, v in first.items() if k.startswith(SUMMARY_PREFIXES)})
+        run.summary.update({k: v for k, v in first.items()  # NaN: not measured here (CUDA memory on CPU)
+                            if k.startswith(SUMMARY_PREFIXES) and v == v})
         run.summary.update({"status": "ok" if len(ok) == len(rows) else "failed", "images": len(ok)})
         run.finish()
     except Exception as err:

@@ -1,5 +1,7 @@
 """Timing and memory columns: consistent with each other, per job, and documented (the README lists them)."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -43,7 +45,7 @@ def test_timing_columns_are_consistent(two_jobs):
     for rows, steps, n in ((first, 4, 2), (second, 3, 1)):
         row = rows[0]
         assert all(r[c] == row[c] for r in rows for c in TIME_COLUMNS)  # one job, one set of timings
-        assert all(row[c] >= 0 for c in TIME_COLUMNS + MEM_COLUMNS)
+        assert all(row[c] >= 0 for c in TIME_COLUMNS + MEM_COLUMNS[:1])
         assert row["time_step_mean_s"] == pytest.approx(row["time_denoise_s"] / steps)
         assert row["time_step_p50_s"] <= row["time_step_p90_s"] <= row["time_denoise_s"]
         assert row["time_unet_s"] + row["time_scheduler_s"] <= row["time_denoise_s"] + 1e-9
@@ -52,7 +54,7 @@ def test_timing_columns_are_consistent(two_jobs):
         assert row["images_per_s"] == pytest.approx(n / row["time_total_s"])
         assert row["time_unet_s"] > 0 and row["time_decode_s"] > 0 and row["time_encode_s"] > 0
         assert row["mem_peak_rss_mb"] > 50  # torch alone is more than that
-        assert row["mem_cuda_peak_allocated_mb"] == 0.0  # CPU run
+        assert math.isnan(row["mem_cuda_peak_allocated_mb"])  # CPU run: not measured
         assert row["torch_version"] and "gpu_driver" in row and "cuda_version" in row
 
 
