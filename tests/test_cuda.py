@@ -1,0 +1,89 @@
+"""The CUDA path: the same images as diffusers' pipelines on the GPU, and the GPU's timing and memory columns.
+
+Skipped where there is no GPU (CI has none); run on a GPU machine with `python -m pytest tests/test_cuda.py`.
+"""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import compose_config, read_png, run_cli, run_job_in
+from runner import embedded_model_path
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@pytest.fixture(scope="module")
+def pipes():
+    """StableDiffusionPipeline per dtype, loaded as users (and the runner) load it: from_pretrained(torch_dtype=...)."""
+    from diffusers import StableDiffusionPipeline
+
+    loaded = {}
+
+    def get(precision):
+        if precision not in loaded:
+            pipe = StableDiffusionPipeline.from_pretrained(embedded_model_path("tiny-sd"), safety_checker=None,
+                                                           requires_safety_checker=False, use_safetensors=True,
+                                                           torch_dtype=DTYPES[precision]).to("cuda")
+            pipe.set_progress_bar_config(disable=True)
+            pipe.model_scheduler_config = pipe.scheduler.config
+            loaded[precision] = pipe
+        return loaded[precision]
+
+    return get
+
+
+def scheduler_for(pipe, option):
+    import diffusers
+
+    cfg = compose_config(f"scheduler={option}").scheduler
+    kwargs = {k: v for k, v in cfg.kwargs.items() if v is not None}
+    cls = getattr(diffusers, cfg.class_name or pipe.model_scheduler_config["_class_name"])
+    return cls.from_config(pipe.model_scheduler_config, **kwargs)
+
+
+def pipeline_images(pipe, option, seeds=(3, 4)):
+    pipe.scheduler = scheduler_for(pipe, option)
+    images = pipe(["a red cube"] * len(seeds), num_inference_steps=8, guidance_scale=7.5, height=64, width=64,
+                  generator=[torch.Generator("cpu").manual_seed(s) for s in seeds], output_type="np").images
+    return (images * 255).round().astype(int)
+
+
+@pytest.mark.parametrize("precision, bound", [("fp32", 1), ("fp16", 1), ("bf16", 1)])  # measured on an H100: 0 for all
+@pytest.mark.parametrize("option", ["default", "euler_a", "dpmpp_2m", "ddpm"])
+def test_cuda_images_match_the_pipeline(option, precision, bound, pipes, tmp_path):
+    rows = run_job_in(tmp_path, "model=tiny-sd", "device=cuda", f"precision={precision}", f"scheduler={option}",
+                      "steps=8", "seed=[3,4]", "prompt='a red cube'")
+    assert [r["status"] for r in rows] == ["ok", "ok"], rows[0].get("error")
+    assert rows[0]["dtype"] == precision
+    ours = np.stack([read_png(Path(tmp_path) / row["image_path"]).astype(int) for row in rows])
+    theirs = pipeline_images(pipes(precision), option)
+    diff = np.abs(ours - theirs)
+    print(f"\n{option} {precision}: runner vs pipeline max {diff.max()}/255, mean {diff.mean():.3f}/255")
+    assert diff.max() <= bound, f"{option} {precision}: max pixel difference {diff.max()}/255"
+    assert ours.std() > 0  # not a blank (NaN) image
+
+
+def test_cuda_timing_and_memory_columns(tmp_path):
+    row, = run_job_in(tmp_path, "device=cuda", "steps=4")
+    assert row["status"] == "ok" and row["device"].startswith("cuda")
+    assert row["dtype"] == "fp16"  # precision=auto on CUDA
+    assert row["mem_cuda_peak_allocated_mb"] > 0 and row["mem_cuda_peak_reserved_mb"] >= row["mem_cuda_peak_allocated_mb"]
+    assert row["gpu"] == torch.cuda.get_device_name() and row["cuda_version"] == torch.version.cuda
+    assert row["time_denoise_s"] > 0 and row["time_unet_s"] + row["time_scheduler_s"] <= row["time_denoise_s"] * 1.05
+
+
+def test_cuda_sweep_from_the_cli_loads_once(tmp_path):
+    import pandas as pd
+
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "scheduler=ddpm,unipc,lms", "guidance=3,7.5", "device=cuda", "sampling.progress=false",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    df = pd.read_parquet(sweep / "results.parquet")
+    assert len(df) == 6 and (df["status"] == "ok").all()
+    assert df["model_cached"].sum() == 5  # the model loaded once, for the first job
+    print(df[["scheduler", "guidance", "time_total_s", "time_step_mean_s", "mem_cuda_peak_allocated_mb", "gpu"]])
