@@ -41,19 +41,14 @@ def _key(row, axes) -> tuple:
     return tuple(str(row[a]) for a in axes)  # str: NaN and None compare equal, numbers and text never clash
 
 
-def _pixels(path):
-    import numpy as np
-    from PIL import Image
-
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
 def distances(image_path, ref_path, latent_path=None, ref_latent_path=None) -> dict:
     """PSNR (dB, inf when equal) and SSIM of two images; MSE of their latents when both were kept."""
     import numpy as np
     from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-    a, b = _pixels(image_path), _pixels(ref_path)
+    from runner.record import read_image
+
+    a, b = read_image(image_path), read_image(ref_path)
     if a.shape != b.shape:
         return {}
     equal = np.array_equal(a, b)

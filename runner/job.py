@@ -166,7 +166,7 @@ def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
         if kept:
             log.info(f"  {len(kept)} of {len(plan)} image(s) already drawn for this config: kept")
         todo = [(i, prompt, seed) for i, (prompt, seed) in enumerate(plan) if i not in kept]
-        drawn = {}
+        drawn, pictures = {}, {}
         inject_fault(context["job_num"], "sample")
         for first in range(0, len(todo), spec.batch_size):
             batch = todo[first:first + spec.batch_size]
@@ -183,7 +183,10 @@ def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
                                                                         {k: row[k] for k in PNG_KEYS})
                     row["latent_path"] = save_latent(job_dir, name, latents[i]) if latents is not None else ""
                     drawn[index] = row
+                    pictures[index] = image
         rows = [drawn[i] if i in drawn else dict(base, prompt=p, seed=s, **kept[i]) for i, (p, s) in enumerate(plan)]
+        with timer("metrics"):
+            rows = add_image_metrics(spec, rows, [pictures.get(i) for i in range(len(plan))], job_dir)
         if not drawn:
             scheduler.set_timesteps(spec.steps)  # nothing was drawn, so the schedule is set here to record it
         schedule = recorded_schedule(spec, scheduler)
@@ -205,6 +208,18 @@ def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
         log.error(f"  could not write {job_dir / ROWS_FILE}: {err}")
         rows = [dict(r, status="failed", error=f"{type(err).__name__}: {err}") for r in rows]
     return rows
+
+
+def add_image_metrics(spec: Spec, rows: list[dict], pictures: list, job_dir: Path) -> list[dict]:
+    """The model's metric columns (runner.metrics) on each row; a kept image (resume) is read back from its PNG."""
+    from runner.metrics import image_metrics
+    from runner.record import read_image
+
+    if spec.metric is not None:
+        pictures = [p if p is not None else read_image(job_dir / r["image_path"]) for p, r in zip(pictures, rows)]
+    metrics = image_metrics(spec.metric, pictures, [r["prompt"] for r in rows], spec.clip_model,
+                            conditional=spec.family == "text-to-image")
+    return [dict(row, **m) for row, m in zip(rows, metrics)]
 
 
 FAULT_ENV = "RUNNER_FAULT"

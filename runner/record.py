@@ -62,6 +62,14 @@ def save_image(job_dir: Path, name: str, image, parameters: dict) -> tuple[str, 
     return relative, hashlib.sha256(data).hexdigest()
 
 
+def read_image(path):
+    """A saved image as a uint8 HWC RGB array."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
 def save_latent(job_dir: Path, name: str, latent) -> str:
     """Keep an image's final latent as a small float32 .npy (4×H/8×W/8: 64 KiB for 512×512), for latent-space
     distances; returns its path relative to the job dir."""

@@ -14,7 +14,8 @@ from pathlib import Path
 from runner.record import SCHEDULE_FILE, atomic_write_bytes
 
 TABLE_COLUMNS = ("sweep", "job", "model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt",
-                 "height", "width", "precision", "strength", "status", "psnr_to_ref", "ssim_to_ref",
+                 "height", "width", "precision", "strength", "status", "prompt_adherence", "class_confidence",
+                 "predicted_digit", "clip_score", "psnr_to_ref", "ssim_to_ref",
                  "latent_mse_to_ref", "ref_scheduler", "ref_steps", "time_per_image_s", "time_per_step_s",
                  "time_total_s", "device", "gpu", "image", "error")
 

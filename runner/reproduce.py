@@ -46,11 +46,11 @@ def rerun(job_dir: Path, new_dir: Path) -> list[dict]:
 def pixel_difference(a_path: Path, b_path: Path) -> tuple[int, float]:
     """Max absolute pixel difference (0-255) and PSNR in dB (inf when identical)."""
     import numpy as np
-    from PIL import Image
     from skimage.metrics import peak_signal_noise_ratio
 
-    a = np.asarray(Image.open(a_path).convert("RGB"))
-    b = np.asarray(Image.open(b_path).convert("RGB"))
+    from runner.record import read_image
+
+    a, b = read_image(a_path), read_image(b_path)
     if a.shape != b.shape:
         return 255, 0.0
     diff = int(np.abs(a.astype(int) - b.astype(int)).max())

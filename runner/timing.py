@@ -80,6 +80,7 @@ class JobClock:
             "time_scheduler_s": totals.get("scheduler", 0.0),
             "time_decode_s": totals.get("vae_decode", 0.0),
             "time_save_s": totals.get("save", 0.0),
+            "time_metrics_s": totals.get("metrics", 0.0),
             "time_log_s": totals.get("log", 0.0),
             "time_total_s": total,
             "images_per_s": n_images / total if total else 0.0,

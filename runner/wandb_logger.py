@@ -16,7 +16,18 @@ log = logging.getLogger("runner")
 
 # Config keys and environment names that may hold credentials: never logged.
 SECRET_PATTERN = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
-SUMMARY_PREFIXES = ("time_", "mem_", "images_per_s", "model_cached", "compile_")
+SUMMARY_PREFIXES = ("time_", "mem_", "images_per_s", "model_cached", "compile_")  # the same on every row of a job
+IMAGE_METRICS = ("prompt_adherence", "class_confidence", "clip_score")  # per image: the summary holds their mean
+
+
+def mean_image_metrics(rows: list[dict]) -> dict:
+    """The job's mean of each per-image metric that was computed (None: not computed for this model)."""
+    means = {}
+    for name in IMAGE_METRICS:
+        values = [r[name] for r in rows if r.get(name) is not None]
+        if values:
+            means[name] = sum(values) / len(values)
+    return means
 
 
 def resolve_mode(mode: str) -> str:
@@ -117,6 +128,7 @@ def log_job(options: dict, config: dict, spec, rows: list[dict], schedule: list[
         run.summary.update({k: v for k, v in first.items()  # NaN: not measured here (CUDA memory on CPU)
                             if k.startswith(SUMMARY_PREFIXES) and v == v})
         run.summary.update({"status": "ok" if len(ok) == len(rows) else "failed", "images": len(ok)})
+        run.summary.update(mean_image_metrics(ok))
         run.finish()
     except Exception as err:
         log.warning(f"W&B: could not log this job ({type(err).__name__}: {err}); its rows and images are on disk")

@@ -58,9 +58,10 @@ def compose():
 
 @pytest.fixture(scope="session")
 def small_sweep(tmp_path_factory) -> Path:
-    """A real 4-job sweep made through the CLI (ddim, euler × 2, 4 steps, seeds [0,1]): shared, never modified."""
+    """A real 4-job sweep made through the CLI (ddim, euler_a × 2, 4 steps, seeds [0,1]) on the default model: shared,
+    never modified. (Not plain euler: on digits-sd it draws DDIM's very images, Euler being DDIM in sigma form.)"""
     sweep = tmp_path_factory.mktemp("small_sweep") / "sweep"
-    result = run_cli("-m", "scheduler=ddim,euler", "steps=2,4", "seed=[0,1]", "sampling.progress=false",
+    result = run_cli("-m", "scheduler=ddim,euler_a", "steps=2,4", "seed=[0,1]", "sampling.progress=false",
                      f"hydra.sweep.dir={sweep}", cwd=sweep.parent)
     assert result.returncode == 0, result.stderr
     return sweep

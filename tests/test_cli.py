@@ -18,20 +18,20 @@ def test_main_job_writes_image_rows_schedule_and_config(tmp_path):
     rows = pd.read_parquet(job / "rows.parquet")
     assert len(rows) == 1
     row = rows.iloc[0]
-    assert (row.status, row.model, row.scheduler, row.seed, row.device, row.precision) == ("ok", "tiny-sd", "default", 0, "cpu", "auto")
+    assert (row.status, row.model, row.scheduler, row.seed, row.device, row.precision) == ("ok", "digits-sd", "default", 0, "cpu", "auto")
     png = job / row.image_path
     assert hashlib.sha256(png.read_bytes()).hexdigest() == row.image_sha256
     text = Image.open(png).text
     assert "Seed: 0" in text["parameters"] and "Steps: 20" in text["parameters"] and "Sampler: default" in text["parameters"]
     schedule = pd.read_csv(job / "schedule.csv")
-    from diffusers import PNDMScheduler  # tiny-sd's own scheduler: PLMS calls the model 21 times in 20 steps
+    from diffusers import PNDMScheduler  # digits-sd's own scheduler (as SD 1.x's): PLMS calls the model 21 times in 20 steps
 
-    reference = PNDMScheduler.from_pretrained(REPO / "runner/models/tiny-sd", subfolder="scheduler")
+    reference = PNDMScheduler.from_pretrained(REPO / "runner/models/digits-sd", subfolder="scheduler")
     reference.set_timesteps(20)
     assert list(schedule.timestep) == [float(t) for t in reference.timesteps]
     assert list(schedule.columns[:3]) == ["step", "timestep", "sigma"]
     assert schedule.sigma.iloc[0] > schedule.sigma.iloc[-1] > 0  # noise decreases along the schedule
-    assert "tiny-sd" in (job / ".hydra" / "config.yaml").read_text()
+    assert "digits-sd" in (job / ".hydra" / "config.yaml").read_text()
     assert row.torch_version and row.diffusers_version and row.transformers_version and row.model_revision
 
 
@@ -97,5 +97,5 @@ def test_help_and_cfg_import_no_heavy_libraries():
              "try:\n    runpy.run_module('runner', run_name='__main__')\nexcept SystemExit:\n    pass\n"
              "print('HEAVY:', sorted(m for m in ('torch', 'diffusers', 'transformers', 'wandb') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert "prompt: a photograph" in result.stdout
+    assert "prompt: a handwritten digit seven" in result.stdout
     assert "HEAVY: []" in result.stdout

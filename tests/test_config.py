@@ -21,7 +21,8 @@ def test_every_group_has_its_options():
 
 def test_defaults():
     cfg = compose_config()
-    assert (cfg.model.name, cfg.scheduler.name, cfg.precision.name) == ("tiny-sd", "default", "auto")
+    assert (cfg.model.name, cfg.scheduler.name, cfg.precision.name) == ("digits-sd", "default", "auto")
+    assert cfg.model.metric == "digits" and cfg.prompt == "a handwritten digit seven"
     assert cfg.negative_prompt == "" and cfg.seed == 0 and cfg.device == "auto"
 
 
@@ -92,8 +93,8 @@ def test_seed_and_prompt_lists():
     ("guidance=-1", "guidance", ">= 0"),
     ("guidance=abc", "guidance", ">= 0"),
     ("steps=0", "steps", ">= 1"),
-    ("height=60", "height", "multiple of 8"),
-    ("width=-64", "width", "multiple of 8"),
+    ("height=62", "height", "multiple of 4"),  # digits-sd: 32x32 pixels from 8x8 latents
+    ("width=-64", "width", "multiple of 4"),
     ("seed=-1", "seed", "0..2^63-1"),
     (f"seed={2**63}", "seed", "0..2^63-1"),
     ("seed=[]", "seed", "non-empty"),

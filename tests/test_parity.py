@@ -57,6 +57,9 @@ def ddpm_pipe():
 
 
 def ours(tmp_path, *overrides):
+    """Our images, on tiny-sd unless a model is named (the pipelines above load the tiny models)."""
+    if not any(o.startswith("model=") for o in overrides):
+        overrides = ("model=tiny-sd", *overrides)
     rows = run_job_in(tmp_path, *overrides)
     assert all(r["status"] == "ok" for r in rows), rows[0].get("error")
     return [read_png(Path(tmp_path) / r["image_path"]) for r in rows]
@@ -147,7 +150,7 @@ def test_seed_in_a_batch_equals_that_seed_alone(model, tmp_path):
 
 
 def test_prompt_list_batches_prompts_by_seeds_and_respects_batch_size(tmp_path):
-    rows = run_job_in(tmp_path / "grid", "steps=5", "prompt=[a cat,a dog]", "seed=[1,2]", "sampling.batch_size=3")
+    rows = run_job_in(tmp_path / "grid", "model=tiny-sd", "steps=5", "prompt=[a cat,a dog]", "seed=[1,2]", "sampling.batch_size=3")
     assert [(r["prompt"], r["seed"]) for r in rows] == [("a cat", 1), ("a cat", 2), ("a dog", 1), ("a dog", 2)]
     alone, = ours(tmp_path / "alone", "steps=5", "prompt=a dog", "seed=2")
     assert_same_image(read_png(tmp_path / "grid" / rows[3]["image_path"]), alone)

@@ -55,6 +55,7 @@ def test_report_files_and_table(report):
     rows = re.findall(r"<tr><td>(.*?)</td>", page)
     assert len(rows) == 8 and set(rows) == {"sweep"}
     assert "columns: scheduler, rows: steps, pages: seed" in page
+    assert "<th onclick='sortBy(this)'>prompt_adherence</th>" in page  # the default model's metric columns
     assert "reference: ddim at 4 steps" in page
     assert page.count("<td>inf</td>") == 2  # psnr_to_ref recomputed: the two reference images
 

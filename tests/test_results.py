@@ -17,15 +17,15 @@ def test_load_several_sweeps_pivot_and_best(small_sweep, tmp_path):
     assert all(p.startswith(str(moved)) for p in df[df["sweep"] == "moved_sweep"]["image_path"])
 
     table = results.pivot(df, "time_per_step_s", "scheduler", "steps")
-    assert list(table.index) == ["ddim", "euler"] and list(table.columns) == [2, 4]
-    expected = df[(df["scheduler"] == "euler") & (df["steps"] == 4)]["time_per_step_s"].mean()
-    assert table.loc["euler", 4] == expected > 0
+    assert list(table.index) == ["ddim", "euler_a"] and list(table.columns) == [2, 4]
+    expected = df[(df["scheduler"] == "euler_a") & (df["steps"] == 4)]["time_per_step_s"].mean()
+    assert table.loc["euler_a", 4] == expected > 0
     # time per step is the job's denoising time shared by its images and steps
     row = df.iloc[0]
     assert np.isclose(row["time_per_step_s"], row["time_denoise_s"] / 2 / row["steps"])
 
     fastest = results.best(df, "time_per_image_s", "scheduler")
-    assert list(fastest["scheduler"]) == ["ddim", "euler"]
+    assert list(fastest["scheduler"]) == ["ddim", "euler_a"]
     for _, row in fastest.iterrows():
         assert row["time_per_image_s"] == df[df["scheduler"] == row["scheduler"]]["time_per_image_s"].min()
     sharpest = results.best(df, "time_per_image_s", ["scheduler", "steps"], lowest=False)
@@ -43,7 +43,7 @@ def test_convergence_columns_written_at_multirun_end(small_sweep):
     assert np.isfinite(others["psnr_to_ref"]).all() and (others["ssim_to_ref"] < 1).all()
     assert (others["latent_mse_to_ref"] > 0).all()
     # each image is compared with the reference of its own seed (seed 1 with seed 1), in pixel space
-    row = others[(others["scheduler"] == "euler") & (others["seed"] == 1)].iloc[0]
+    row = others[(others["scheduler"] == "euler_a") & (others["seed"] == 1)].iloc[0]
     ref = reference[reference["seed"] == 1].iloc[0]
     a, b = read_png(row["image_path"]).astype(float), read_png(ref["image_path"]).astype(float)
     assert np.isclose(row["psnr_to_ref"], 10 * np.log10(255**2 / np.mean((a - b) ** 2)))
@@ -66,11 +66,11 @@ def test_grid_pages_xyz_split_and_failed_cell(small_sweep):
     assert len(split) == 8 and split[0][1].width < whole.width
 
     failed = df.copy()
-    failed.loc[(failed["scheduler"] == "euler") & (failed["steps"] == 4), "status"] = "failed"
+    failed.loc[(failed["scheduler"] == "euler_a") & (failed["steps"] == 4), "status"] = "failed"
     image = np.asarray(grid_pages(failed, "scheduler", "steps", "seed")[0][1])
     ok_image = np.asarray(whole)
     assert image.shape == ok_image.shape
-    # the failed cell (euler column, 4 steps row: bottom right) is a grey blank with a red cross, not an image
+    # the failed cell (euler_a column, 4 steps row: bottom right) is a grey blank with a red cross, not an image
     grey = (image[-60:, -60:] == 200).all(axis=-1)
     assert grey.mean() > 0.5 and not (ok_image[-60:, -60:] == 200).all(axis=-1).any()
     assert (image[: image.shape[0] // 2] == ok_image[: ok_image.shape[0] // 2]).all()  # other cells unchanged

@@ -61,7 +61,7 @@ def test_pickle_only_weights_need_the_explicit_opt_in(model_copy, tmp_path):
 def test_a_prompt_past_the_token_limit_warns_with_the_count(tmp_path, caplog):
     long_prompt = "a " * 80  # 80 one-character words + start/end tokens > 77
     with caplog.at_level(logging.WARNING, logger="runner"):
-        rows = run_job_in(tmp_path, f"prompt='{long_prompt}'", "steps=2")
+        rows = run_job_in(tmp_path, "model=tiny-sd", f"prompt='{long_prompt}'", "steps=2")
     assert rows[0]["status"] == "ok"
     assert "prompt is 5 token(s) longer than the tokenizer's limit of 77; they are dropped" in caplog.text
 

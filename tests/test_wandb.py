@@ -47,7 +47,7 @@ def test_config_is_flattened_to_dot_keys(sweep):
     _, runs = sweep
     config = runs["scheduler=unipc guidance=7.5"]["config"]
     assert config["scheduler.name"] == "unipc" and config["guidance"] == 7.5 and config["steps"] == 5
-    assert config["model.name"] == "tiny-sd" and config["precision.dtype"] == "auto" and config["seed"] == [0, 1]
+    assert config["model.name"] == "digits-sd" and config["precision.dtype"] == "auto" and config["seed"] == [0, 1]
     assert "model.name_or_path" in config and "scheduler" not in config  # no nested objects leaked in
     assert all(not isinstance(v, dict) for k, v in config.items() if k != "_wandb")  # _wandb: W&B's own
 
@@ -78,11 +78,15 @@ def test_sigma_schedule_as_step_metric_and_table(sweep):
     assert table["columns"] == ["step", "timestep", "sigma"] and len(table["data"]) == len(schedule)
 
 
-def test_timings_and_status_in_the_summary(sweep):
-    _, runs = sweep
+def test_timings_status_and_metrics_in_the_summary(sweep):
+    sweep_dir, runs = sweep
     summary = runs["scheduler=ddpm guidance=7.5"]["summary"]
     assert summary["status"] == "ok" and summary["images"] == 2
     assert summary["time_total_s"] > 0 and "time_denoise_s" in summary and "time_unet_s" in summary
+    rows = job_rows(sweep_dir, "ddpm", 7.5)  # the default model is digits-sd: its metric, averaged over the job
+    assert summary["prompt_adherence"] == pytest.approx(rows["prompt_adherence"].mean())
+    assert summary["class_confidence"] == pytest.approx(rows["class_confidence"].mean())
+    assert "clip_score" not in summary and "mem_cuda_peak_allocated_mb" not in summary  # not measured here
 
 
 def test_sweep_summary_has_the_results_table_with_images_and_the_grid(sweep):
