@@ -49,6 +49,11 @@ def test_used_by_sweep(tmp_path):
         assert len(pd.read_parquet(sweep / str(job) / "rows.parquet")) == 1
         assert (sweep / str(job) / "schedule.csv").is_file()
     assert len(pd.read_csv(sweep / "results.csv")) == 6
+    # the default model's metric: guidance and scheduler change how well the image follows the prompt
+    adherence = table.set_index(["scheduler", "guidance"])["prompt_adherence"]
+    assert adherence.notna().all() and adherence.nunique() > 1
+    assert adherence.groupby(level="guidance").mean().nunique() > 1
+    assert adherence.groupby(level="scheduler").mean().nunique() > 1
 
     import runner.results
 

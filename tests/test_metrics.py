@@ -55,6 +55,12 @@ def test_resumed_job_scores_its_kept_images_too(tmp_path):
     assert [r["prompt_adherence"] for r in again] == pytest.approx([r["prompt_adherence"] for r in first])
 
 
+def test_unconditional_digit_model_has_confidence_but_no_adherence(tmp_path):
+    rows = run_job_in(tmp_path, "model=digits-ddpm", "scheduler=ddim", "steps=10", "seed=[0,1]")
+    assert [r["status"] for r in rows] == ["ok", "ok"]
+    assert all(r["prompt_adherence"] is None and 0.1 <= r["class_confidence"] <= 1 for r in rows)
+
+
 def test_models_without_a_metric_have_empty_columns(tmp_path):
     row, = run_job_in(tmp_path, "model=tiny-sd", "steps=2")
     assert row["status"] == "ok" and all(row[c] is None for c in COLUMNS)
