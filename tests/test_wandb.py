@@ -87,6 +87,8 @@ def test_timings_status_and_metrics_in_the_summary(sweep):
     assert summary["prompt_adherence"] == pytest.approx(rows["prompt_adherence"].mean())
     assert summary["class_confidence"] == pytest.approx(rows["class_confidence"].mean())
     assert "clip_score" not in summary and "mem_cuda_peak_allocated_mb" not in summary  # not measured here
+    table = pd.read_parquet(sweep_dir / "results.parquet")
+    assert (table["time_log_s"] > 0).all() and len(runs) == 5  # each row says what its job's logging cost
 
 
 def test_sweep_summary_has_the_results_table_with_images_and_the_grid(sweep):
