@@ -26,6 +26,7 @@ def test_bench_writes_and_prints_the_ratios(tmp_path):
     assert len(per_image["runner_s"]) == len(per_image["bare_s"]) == 2
     assert per_image["runner_over_bare"] == per_image["runner_median_s"] / per_image["bare_median_s"]
     assert per_image["runner_breakdown_median_s"]["time_unet_s"] > 0
+    assert per_image["runner_breakdown_median_s"]["time_metrics_s"] < 1e-3  # no metric, like the plain loop
     assert "logging" in per_image
     assert batched["images"] == 3 and batched["batched_max_pixel_diff_vs_single"] <= 1
     assert sweep["points"] == 4 and len(sweep["runner_s"]) == len(sweep["bare_s"]) == 1
