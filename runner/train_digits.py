@@ -18,7 +18,7 @@ several times slower than 1), so the same command on the same torch build rewrit
 
 Measured (torch 2.13 CPU, 1 thread, 2-core machine shared with other work): classifier 0.7 CPU min, digits-ddpm
 17.8 CPU min (6,000 steps; 21 min wall), digits-sd 8.2 CPU min (VAE 2.7, UNet + text encoder 5.5; 13 min wall).
-Re-running it rewrote the shipped classifier and digits-sd bit for bit. The numbers printed at the end of each stage
+Re-running it rewrote all three shipped models bit for bit (same sha256). The numbers printed at the end of each stage
 say how good each model is.
 """
 
