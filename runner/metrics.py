@@ -22,6 +22,7 @@ log = logging.getLogger("runner")
 
 METRICS = ("digits", "clip")
 COLUMNS = ("prompt_adherence", "class_confidence", "predicted_digit", "clip_score")
+QUALITY_COLUMNS = ("prompt_adherence", "clip_score")  # how well an image follows its prompt: charted in reports
 
 
 def image_metrics(metric: str | None, images, prompts, clip_model: str | None = None,

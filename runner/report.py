@@ -82,21 +82,31 @@ def schedule_plot(df, out: Path) -> Path | None:
     return _save_figure(fig, out / "sigma_schedule.png")
 
 
-def bar_chart(df, metric: str, title: str, ylabel: str, path: Path) -> Path | None:
-    """`metric` (mean over images) by scheduler, one bar per steps value."""
+def bar_chart(df, metric: str, title: str, ylabel: str, path: Path, bars: str = "steps") -> Path | None:
+    """`metric` (mean over images) by scheduler, one bar per value of `bars` (steps, guidance ...)."""
     from runner.results import pivot
 
     if metric not in df or df[metric].isna().all():
         return None
-    table = pivot(df, metric, "scheduler", "steps")
+    table = pivot(df, metric, "scheduler", bars)
     if table.empty:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 3.5))
     table.plot.bar(ax=ax, rot=0)
     ax.set(xlabel="scheduler", ylabel=ylabel, title=title)
-    ax.legend(title="steps", fontsize="small")
+    ax.legend(title=bars, fontsize="small")
     return _save_figure(fig, path)
+
+
+def image_metric_charts(df, out: Path) -> list[tuple[Path | None, str]]:
+    """The model's per-image metric (runner.metrics) by scheduler, one bar per guidance value where guidance was
+    swept (it moves prompt adherence most), else per steps value."""
+    from runner.metrics import QUALITY_COLUMNS
+
+    bars = "guidance" if "guidance" in df and df["guidance"].nunique() > 1 else "steps"
+    return [(bar_chart(df, c, c.replace("_", " ").capitalize(), c, out / f"{c}.png", bars),
+             f"mean {c} per image by scheduler and {bars} (higher is better)") for c in QUALITY_COLUMNS if c in df]
 
 
 def convergence_plot(df, out: Path) -> Path | None:
@@ -198,6 +208,7 @@ def write_report(df, out: Path, reference=None, reference_scheduler: str | None 
                "mean seconds per image"),
               (bar_chart(df, "time_per_step_s", "Time per step", "seconds", out / "time_per_step.png"),
                "mean denoising seconds per step and image")]
+    charts += image_metric_charts(df, out)
     charts += [(bar_chart(df, c, c, c, out / f"{_slug(c)}.png"), c) for c in peak_memory_columns(df)]
     charts = [(path, caption) for path, caption in charts if path is not None]
     if charts:
