@@ -62,8 +62,8 @@ def runner_spec(model_dir: str, args, **overrides):
     from runner.spec import make_spec
 
     # tiny-sd's model options (no metric columns: the plain loop computes none), with the bench's weights
-    items = {"model": "tiny-sd", "model.name_or_path": model_dir, "device": args.device, "precision": args.precision, "steps": args.steps,
-             "guidance": args.guidance, "sampling.progress": False, **overrides}
+    items = {"model": "tiny-sd", "model.name_or_path": model_dir, "device": args.device, "precision": args.precision,
+             "steps": args.steps, "guidance": args.guidance, "sampling.progress": False, **overrides}
     if args.size:
         items.update(height=args.size, width=args.size)
     if args.fast:

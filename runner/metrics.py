@@ -22,6 +22,7 @@ log = logging.getLogger("runner")
 
 METRICS = ("digits", "clip")
 COLUMNS = ("prompt_adherence", "class_confidence", "predicted_digit", "clip_score")
+SCORE_COLUMNS = ("prompt_adherence", "class_confidence", "clip_score")  # scores, not labels: they average per job
 QUALITY_COLUMNS = ("prompt_adherence", "clip_score")  # how well an image follows its prompt: charted in reports
 
 

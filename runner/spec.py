@@ -311,11 +311,11 @@ def make_spec(cfg: DictConfig) -> Spec:
 
     if info.family == "unconditional":  # no text encoder: prompts would only duplicate images and mislabel rows
         prompts, negative_prompt = [""], ""
-    metric = model.get("metric")
+    metric, clip_model = model.get("metric"), model.get("clip_model")
     if metric is not None and metric not in METRICS:
         _fail("model.metric", metric, " | ".join(METRICS) + " | null")
-    if metric == "clip" and not model.get("clip_model"):
-        _fail("model.clip_model", model.get("clip_model"), "a hub id or local directory of CLIP weights (model.metric=clip)")
+    if metric == "clip" and not clip_model:
+        _fail("model.clip_model", clip_model, "a hub id or local directory of CLIP weights (model.metric=clip)")
     device = resolve_device(c["device"])
     from runner.precision import check_options
 
@@ -328,5 +328,5 @@ def make_spec(cfg: DictConfig) -> Spec:
         steps=steps, guidance=guidance, seeds=tuple(seeds), prompts=tuple(prompts), negative_prompt=negative_prompt,
         height=sizes["height"], width=sizes["width"], batch_size=batch_size, eta=eta,
         progress=bool(sampling.get("progress", True)), init_image=init_image, strength=strength,
-        precision_options=precision_options, metric=metric, clip_model=model.get("clip_model"),
+        precision_options=precision_options, metric=metric, clip_model=clip_model,
     )

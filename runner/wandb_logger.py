@@ -17,7 +17,6 @@ log = logging.getLogger("runner")
 # Config keys and environment names that may hold credentials: never logged.
 SECRET_PATTERN = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
 SUMMARY_PREFIXES = ("time_", "mem_", "images_per_s", "model_cached", "compile_")  # the same on every row of a job
-IMAGE_METRICS = ("prompt_adherence", "class_confidence", "clip_score")  # per image: the summary holds their mean
 
 
 ENV_COLUMNS = ("torch_version", "diffusers_version", "transformers_version", "python_version", "cuda_version", "gpu",
@@ -31,9 +30,11 @@ def environment_config(rows: list[dict]) -> dict:
 
 
 def mean_image_metrics(rows: list[dict]) -> dict:
-    """The job's mean of each per-image metric that was computed (None: not computed for this model)."""
+    """The job's mean of each per-image score that was computed (None: not computed for this model)."""
+    from runner.metrics import SCORE_COLUMNS
+
     means = {}
-    for name in IMAGE_METRICS:
+    for name in SCORE_COLUMNS:
         values = [r[name] for r in rows if r.get(name) is not None]
         if values:
             means[name] = sum(values) / len(values)
@@ -120,7 +121,8 @@ def log_job(options: dict, config: dict, spec, rows: list[dict], schedule: list[
         job_dir = Path(context["job_dir"])
         run = _init(options, dir=str(wandb_dir(context)), group=group_name(context), name=context["name"],
                     job_type="job", tags=list(options.get("tags") or []) + [spec.model, spec.scheduler],
-                    config=dict(flatten(config), **environment_config(rows)), id=context.get("wandb_run_id"), resume="allow" if context.get("wandb_run_id") else None)
+                    config=dict(flatten(config), **environment_config(rows)), id=context.get("wandb_run_id"),
+                    resume="allow" if context.get("wandb_run_id") else None)
         if run is None:
             return 0.0
         run.define_metric("schedule/step")
