@@ -25,6 +25,16 @@ def compose_config(*overrides, hydra_config=False):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
 
 
+def scheduler_for(pipe, option):
+    """The option's diffusers class and kwargs, built by diffusers itself (independently of runner.schedulers)."""
+    import diffusers
+
+    cfg = compose_config(f"scheduler={option}").scheduler
+    kwargs = {k: v for k, v in cfg.kwargs.items() if v is not None}
+    cls = getattr(diffusers, cfg.class_name or pipe.model_scheduler_config["_class_name"])
+    return cls.from_config(pipe.model_scheduler_config, **kwargs)
+
+
 def run_cli(*args, cwd, timeout=300, env=None):
     """`python -m runner ARGS` as a user types it."""
     full_env = dict(os.environ, HF_HUB_OFFLINE="1", **(env or {}))

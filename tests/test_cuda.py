@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config, read_png, run_cli, run_job_in
+from conftest import read_png, run_cli, run_job_in, scheduler_for
 from runner import embedded_model_path
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -34,15 +34,6 @@ def pipes():
         return loaded[precision]
 
     return get
-
-
-def scheduler_for(pipe, option):
-    import diffusers
-
-    cfg = compose_config(f"scheduler={option}").scheduler
-    kwargs = {k: v for k, v in cfg.kwargs.items() if v is not None}
-    cls = getattr(diffusers, cfg.class_name or pipe.model_scheduler_config["_class_name"])
-    return cls.from_config(pipe.model_scheduler_config, **kwargs)
 
 
 def pipeline_images(pipe, option, seeds=(3, 4)):

@@ -10,21 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config, read_png, run_job_in
+from conftest import compose_config, read_png, run_job_in, scheduler_for
 from runner import embedded_model_path
 
 SCHEDULERS = ["default", "ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
 STEPS = 8
-
-
-def scheduler_for(pipe, option):
-    """The option's diffusers class and kwargs, built by diffusers itself (independently of runner.schedulers)."""
-    import diffusers
-
-    cfg = compose_config(f"scheduler={option}").scheduler
-    kwargs = {k: v for k, v in cfg.kwargs.items() if v is not None}
-    cls = getattr(diffusers, cfg.class_name or pipe.model_scheduler_config["_class_name"])
-    return cls.from_config(pipe.model_scheduler_config, **kwargs)
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
