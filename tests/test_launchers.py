@@ -102,9 +102,11 @@ def test_slurm_preempted_job_is_requeued_and_a_resubmitted_sweep_skips_finished_
     submit = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     job_log = sweep_dir / "0" / "runner.log"
     deadline = time.monotonic() + 120
-    while not (job_log.is_file() and "[1/1]" in job_log.read_text()):  # the job is drawing its images
+    # the job is drawing its images: its first PNG is written, two are to come. (Not merely started: a signal that
+    # lands while it still imports its libraries can interrupt class creation, and the job fails instead.)
+    while not any(sweep_dir.glob("0/images/*.png")):
         assert submit.poll() is None and time.monotonic() < deadline, submit.stdout.read() if submit.poll() else "slow"
-        time.sleep(0.2)
+        time.sleep(0.05)
     job_id = slurm.run("squeue", "-h", "-o", "%i", check=True).stdout.split()[0]
     # what a preemption sends (submitit's own Job._interrupt): SIGTERM, then its requeue signal USR2
     slurm.run("scancel", job_id, "--signal", "SIGTERM", check=True)
