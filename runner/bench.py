@@ -5,7 +5,8 @@
                 each image saved as a PNG
 
 Cases, the two ways interleaved (a, b, a, b ...) so that machine noise hits both alike:
-    per_image  batch 1, the model already loaded: median seconds per image          → runner_over_bare
+    per_image  batch 1, the model already loaded: blocks of one-image jobs, median
+               of the per-round seconds ratios (W&B on and off)                      → runner_over_bare
     batched    8 seeds as one runner job vs the same 8 as 8 runner jobs              → batched_over_single
     sweep      12 points (schedulers × guidance × seeds), model load included       → sweep_over_bare
 
@@ -48,7 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--out", default="results/bench")
     p.add_argument("--wandb", choices=("offline", "disabled"), default="offline",
-                   help="per-image case: the runner logs each job to W&B (offline), as a sweep does")
+                   help="per-image case: the runner logs each job to W&B (offline) through its logger process, as an "
+                        "in-process sweep does")
     return p.parse_args(argv)
 
 
@@ -80,26 +82,43 @@ def format_value(value) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
-def run_runner(spec, out_dir: Path, wandb_mode: str = "disabled") -> tuple[float, list[dict]]:
+def run_runner(spec, out_dir: Path, wandb_mode: str = "disabled",
+               in_background: bool = False) -> tuple[float, list[dict]]:
+    """One runner job, as a sweep's job. With W&B on, its run is written in line or, `in_background`, by the W&B
+    logger process (the caller waits for it: runner_jobs)."""
     from runner.job import run_spec
 
-    context = {"job_dir": str(out_dir), "sweep_dir": "", "job_num": 0, "overrides": "bench", "name": "bench",
-               "config_hash": "bench"}
+    context = {"job_dir": str(out_dir), "sweep_dir": str(out_dir.parent), "job_num": 0, "overrides": "bench",
+               "name": out_dir.name, "config_hash": "bench"}
     start = clock(spec.device)
     rows = run_spec(spec, out_dir, context)
-    if wandb_mode != "disabled":  # as a sweep job does: one W&B run per job, once its rows are written
-        import pandas as pd
+    if wandb_mode != "disabled":
+        from runner import wandb_logger
 
-        from runner.record import SCHEDULE_FILE
-        from runner.wandb_logger import log_job
-
-        schedule = pd.read_csv(out_dir / SCHEDULE_FILE).to_dict("records")
-        seconds = log_job({"mode": wandb_mode, "project": "runner-bench"}, {}, spec, rows, schedule, context)
-        rows = [dict(r, time_log_s=seconds / len(rows)) for r in rows]
+        wandb_logger.call("log_job_dir", {"mode": wandb_mode, "project": "runner-bench"}, {}, rows, context,
+                          in_background=in_background)
     elapsed = clock(spec.device) - start
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
         raise RuntimeError(f"runner failed: {failed[0]['error']}")
+    return elapsed, rows
+
+
+def runner_jobs(specs, out_dirs, wandb_mode: str, in_background: bool) -> tuple[float, list[dict]]:
+    """One-image jobs back to back, as an in-process sweep runs them. With W&B on, the time includes waiting
+    for the last job's W&B run, and the rows are read back with their `time_log_s`."""
+    import pandas as pd
+
+    from runner.record import ROWS_FILE
+    from runner.wandb_logger import wait_background
+
+    start = clock(specs[0].device)
+    rows = [row for spec, out_dir in zip(specs, out_dirs)
+            for row in run_runner(spec, out_dir, wandb_mode, in_background)[1]]
+    wait_background()
+    elapsed = clock(specs[0].device) - start
+    if wandb_mode != "disabled":
+        rows = [row for out_dir in out_dirs for row in pd.read_parquet(out_dir / ROWS_FILE).to_dict("records")]
     return elapsed, rows
 
 
@@ -174,40 +193,95 @@ def clear_model_cache():
 # --------------------------------------------------------------------------- cases
 
 
+BLOCK = 5  # one-image jobs per timed block in the per-image case
+
+
 def case_per_image(model_dir, args, work: Path) -> dict:
+    """Blocks of one-image jobs, the ways in rotating order each round: the runner logging to W&B as a sweep of
+    this device does (by the logger process where a core is free for it, else in line), the runner logging in
+    line (where that differs), the runner without W&B, and the plain pipeline. Blocks rather than single images,
+    because a logger process writes each run beside the next job: a block's time ends when its last run is
+    written."""
+    from runner.job import core_free_for_logging
+
+    block = min(BLOCK, args.repeats)
+    rounds = max(1, args.repeats // block)
     spec = runner_spec(model_dir, args, seed=0)
     pipe = load_bare(model_dir, spec, fast=args.fast)
-    run_runner(spec, work / "warm")  # both ways warm (first calls, model loaded) before timing
+    background = args.wandb != "disabled" and core_free_for_logging(spec)
+    # (W&B mode, in the logger process) per runner way
+    runner_ways = {"runner": (args.wandb, background), "runner_logging_in_line": (args.wandb, False),
+                   "runner_without_logging": ("disabled", False)}
+    if not background:
+        del runner_ways["runner_logging_in_line"]  # the same as "runner"
+    if args.wandb == "disabled":
+        del runner_ways["runner"]
+    # every way warm before timing: first calls, model loaded, W&B's logger process and service started (~2 s)
+    for name, (mode, in_background) in runner_ways.items():
+        runner_jobs([spec], [work / f"warm-{name}"], mode, in_background)
     run_bare(pipe, spec, None, [0], work / "warm-bare")
-    runner_s, bare_s, runner_rows = [], [], []
-    specs = [runner_spec(model_dir, args, seed=i) for i in range(args.repeats)]
-    for i, runner_job in enumerate(specs):
-        def runner_way():
-            elapsed, rows = run_runner(runner_job, work / f"runner-{i}", args.wandb)
-            runner_s.append(elapsed)
-            runner_rows.append(rows[0])
+    specs = [runner_spec(model_dir, args, seed=i) for i in range(rounds * block)]
+    seconds, runner_rows = {name: [] for name in [*runner_ways, "bare"]}, []
 
-        def bare_way():
-            bare_s.append(run_bare(pipe, spec, None, [i], work / f"bare-{i}"))
+    def runner_way(name, r):
+        chunk = specs[r * block:(r + 1) * block]
+        elapsed, rows = runner_jobs(chunk, [work / f"{name}-{s.seeds[0]}" for s in chunk], *runner_ways[name])
+        seconds[name].append(elapsed / block)
+        if name == "runner":
+            runner_rows.extend(rows)
 
-        for way in ((runner_way, bare_way) if i % 2 == 0 else (bare_way, runner_way)):  # a b, b a: no order bias
-            way()
+    def bare_way(_, r):
+        seeds = list(range(r * block, (r + 1) * block))
+        seconds["bare"].append(run_bare(pipe, spec, None, seeds, work / f"bare-{r}") / block)
+
+    ways = [(name, runner_way) for name in runner_ways] + [("bare", bare_way)]
+    for r in range(rounds):
+        for name, way in ways[r % len(ways):] + ways[:r % len(ways)]:  # rotating order: no way always goes first
+            way(name, r)
     del pipe
-    log_s = statistics.median(r["time_log_s"] for r in runner_rows)
+    runner_s, bare_s = seconds.get("runner", seconds["runner_without_logging"]), seconds["bare"]
+    breakdown = ("time_encode_s", "time_denoise_s", "time_unet_s", "time_scheduler_s", "time_decode_s", "time_save_s",
+                 "time_metrics_s", "time_log_s", "time_total_s")
     return {
-        "runner_s": runner_s, "bare_s": bare_s,
+        "images_per_block": block, **{f"{name}_s": seconds[name] for name in seconds},
         "runner_median_s": statistics.median(runner_s), "bare_median_s": statistics.median(bare_s),
-        "runner_over_bare": statistics.median(runner_s) / statistics.median(bare_s),
-        "runner_over_bare_without_logging": statistics.median(
-            t - r["time_log_s"] for t, r in zip(runner_s, runner_rows)) / statistics.median(bare_s),
-        "runner_breakdown_median_s": {k: statistics.median(r[k] for r in runner_rows) for k in (
-            "time_encode_s", "time_denoise_s", "time_unet_s", "time_scheduler_s", "time_decode_s", "time_save_s",
-            "time_metrics_s", "time_log_s", "time_total_s")},
-        "logging": ("W&B (offline) logging share: %.4f s per image, included in runner_s" % log_s) if log_s else
+        "runner_over_bare": paired_ratio(runner_s, bare_s),
+        **{f"runner_over_bare_{name[len('runner_'):]}": paired_ratio(seconds[name], bare_s)
+           for name in runner_ways if name != "runner"},
+        "runner_breakdown_median_s": {k: statistics.median(r[k] for r in runner_rows) for k in breakdown} if runner_rows
+        else {},
+        "logging": logging_note(args.wandb, background) if runner_rows else
                    "W&B logging off (--wandb disabled): the runner is timed without it",
+        **({"wandb_empty_run_median_s": empty_wandb_run_s(work / "empty-runs")} if runner_rows else {}),
         **flops(spec, images=1, seconds=statistics.median(runner_s), prefix="runner_", sd15=args.unet == "sd15"),
         **flops(spec, images=1, seconds=statistics.median(bare_s), prefix="bare_", sd15=args.unet == "sd15"),
     }
+
+
+def logging_note(mode: str, in_background: bool) -> str:
+    where = ("written by the W&B logger process beside the next job; runner_s includes waiting for each block's "
+             "last run; runner_logging_in_line_s: written in line instead") if in_background else \
+        "written in line (no core free for a logger process)"
+    return f"W&B ({mode}): one run per job, {where}"
+
+
+def empty_wandb_run_s(work: Path, runs: int = 10) -> float:
+    """W&B's floor per job: an offline run that logs nothing (wandb.init + finish), median seconds."""
+    from runner.wandb_logger import init_run
+
+    work.mkdir(parents=True, exist_ok=True)
+    seconds = []
+    for i in range(runs):
+        start = time.perf_counter()
+        init_run({"mode": "offline", "project": "runner-bench"}, dir=str(work), name=f"empty-{i}").finish()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def paired_ratio(runner_s: list[float], bare_s: list[float]) -> float:
+    """The median of runner/bare over pairs that ran back to back: a slow spell of a shared machine (seconds
+    long, up to 2x here) then hits both ways of a pair instead of skewing one way's median."""
+    return statistics.median(r / b for r, b in zip(runner_s, bare_s))
 
 
 def case_batched(model_dir, args, work: Path) -> dict:
@@ -352,6 +426,8 @@ def torch_threads() -> int:
 
 
 def main(argv=None) -> dict:
+    from runner.wandb_logger import finish_background
+
     args = parse_args(argv)
     args.steps = args.steps or (30 if args.unet == "sd15" else 20)
     if args.threads:
@@ -373,6 +449,7 @@ def main(argv=None) -> dict:
             result[name] = case(model_dir, args, work / name)
             print(json.dumps(result[name], default=str), flush=True)
         clear_model_cache()
+        finish_background()
     headline = {"runner_over_bare": result["per_image"]["runner_over_bare"],
                 "batched_over_single": result["batched"]["batched_over_single"],
                 "sweep_over_bare": result["sweep"]["sweep_over_bare"]}

@@ -37,12 +37,17 @@ class SweepResults(Callback):
             os.environ.pop(SWEPT_KEYS_ENV, None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from runner import wandb_logger
+
         # Hydra turns a callback's exception into a warning: a sweep whose table could not be written must still fail.
         try:
+            wandb_logger.wait_background()  # the jobs' W&B runs, written beside the sampling, and their time_log_s
             self.write_sweep_results(config)
         except Exception as err:
             log.error(f"could not write the sweep's results table: {type(err).__name__}: {err}")
             sys.exit(1)
+        finally:
+            wandb_logger.finish_background()
 
     def write_sweep_results(self, config: DictConfig) -> None:
         from runner import results
@@ -85,4 +90,6 @@ def log_sweep_to_wandb(config: DictConfig, sweep_dir: Path, df) -> None:
         grid_path = None
     options = OmegaConf.to_container(config.wandb, resolve=True) if "wandb" in config else {"mode": "disabled"}
     if wandb_logger.resolve_mode(options.get("mode", "auto")) != "disabled":
-        wandb_logger.log_sweep(options, sweep_dir, df, grid_path)
+        # where a logger process wrote the jobs' runs, it writes this one too (W&B's service is already up there)
+        wandb_logger.call("log_sweep", options, sweep_dir, df, grid_path,
+                          in_background=wandb_logger.background_running())

@@ -3,11 +3,15 @@ imports wandb (lazily). Logging never fails a job: a W&B error is one warning li
 
 Dashboards group and filter on the flattened config (`scheduler.name`, `guidance`, ...); the sigma schedule is
 logged against its own step metric (`schedule/step`) so that one line panel overlays every run of a group.
+
+In a sweep whose jobs share a process (Hydra's basic launcher), a child process writes the W&B runs while the
+next job draws (`call(..., in_background=True)`); the sweep's end waits for it (`finish_background`).
 """
 
 import logging
 import netrc
 import os
+import queue
 import re
 import sys
 from pathlib import Path
@@ -86,7 +90,7 @@ def _settings(wandb, timeout_s: float):
                           disable_code=True, save_code=False, console="off", silent=True, x_save_requirements=False)
 
 
-def _init(options: dict, **kwargs):
+def init_run(options: dict, **kwargs):
     """wandb.init that never prompts and never hangs: online failures fall back to offline with one warning."""
     import wandb
 
@@ -110,7 +114,7 @@ def _init(options: dict, **kwargs):
         return wandb.init(mode="offline", **common)
 
 
-def log_job(options: dict, config: dict, spec, rows: list[dict], schedule: list[dict], context: dict) -> float:
+def log_job(options: dict, config: dict, rows: list[dict], schedule: list[dict], context: dict) -> float:
     """One W&B run for one job: config, images, the sigma schedule, timings and the rows. Returns seconds spent."""
     from time import perf_counter
 
@@ -119,10 +123,11 @@ def log_job(options: dict, config: dict, spec, rows: list[dict], schedule: list[
         import wandb
 
         job_dir = Path(context["job_dir"])
-        run = _init(options, dir=str(wandb_dir(context)), group=group_name(context), name=context["name"],
-                    job_type="job", tags=list(options.get("tags") or []) + [spec.model, spec.scheduler],
-                    config=dict(flatten(config), **environment_config(rows)), id=context.get("wandb_run_id"),
-                    resume="allow" if context.get("wandb_run_id") else None)
+        first = rows[0] if rows else {}
+        run = init_run(options, dir=str(wandb_dir(context)), group=group_name(context), name=context["name"],
+                       job_type="job", tags=[*(options.get("tags") or []), first.get("model"), first.get("scheduler")],
+                       config=dict(flatten(config), **environment_config(rows)), id=context.get("wandb_run_id"),
+                       resume="allow" if context.get("wandb_run_id") else None)
         if run is None:
             return 0.0
         run.define_metric("schedule/step")
@@ -138,15 +143,30 @@ def log_job(options: dict, config: dict, spec, rows: list[dict], schedule: list[
         if images:
             payload["images"] = images
         run.log(payload)
-        first = rows[0] if rows else {}
         run.summary.update({k: v for k, v in first.items()  # NaN: not measured here (CUDA memory on CPU)
                             if k.startswith(SUMMARY_PREFIXES) and v == v})
         run.summary.update({"status": "ok" if len(ok) == len(rows) else "failed", "images": len(ok)})
+        failed = [r for r in rows if r["status"] != "ok"]
+        if failed:
+            run.summary["error"] = failed[0]["error"]
         run.summary.update(mean_image_metrics(ok))
         run.finish()
     except Exception as err:
         log.warning(f"W&B: could not log this job ({type(err).__name__}: {err}); its rows and images are on disk")
     return perf_counter() - start
+
+
+def log_job_dir(options: dict, config: dict, rows: list[dict], context: dict) -> None:
+    """W&B for one finished job, its schedule read back from the job dir; then the job's rows are written again
+    with `time_log_s`, the W&B time per image."""
+    import pandas as pd
+
+    from runner.record import ROWS_FILE, SCHEDULE_FILE, write_table
+
+    job_dir = Path(context["job_dir"])
+    schedule = pd.read_csv(job_dir / SCHEDULE_FILE).to_dict("records") if (job_dir / SCHEDULE_FILE).is_file() else []
+    seconds = log_job(options, config, rows, schedule, context)
+    write_table(job_dir / ROWS_FILE, [dict(row, time_log_s=seconds / max(len(rows), 1)) for row in rows])
 
 
 def log_sweep(options: dict, sweep_dir: Path, df, grid_path: Path | None) -> None:
@@ -155,8 +175,8 @@ def log_sweep(options: dict, sweep_dir: Path, df, grid_path: Path | None) -> Non
         import wandb
 
         context = {"sweep_dir": str(sweep_dir), "job_dir": str(sweep_dir)}
-        run = _init(options, dir=str(wandb_dir(context)), group=group_name(context), name="sweep-summary",
-                    job_type="sweep-summary", tags=list(options.get("tags") or []))
+        run = init_run(options, dir=str(wandb_dir(context)), group=group_name(context), name="sweep-summary",
+                       job_type="sweep-summary", tags=list(options.get("tags") or []))
         if run is None:
             return
         table = rows_table(wandb, df.to_dict("records"), with_images=True)
@@ -198,3 +218,115 @@ def rows_table(wandb, rows: list[dict], with_images: bool = False):
             values.append(wandb.Image(path) if row.get("status") == "ok" and path and Path(path).is_file() else None)
         data.append(values)
     return wandb.Table(columns=columns + (["image"] if with_images else []), data=data)
+
+
+# --------------------------------------------------------------------------- in a process of its own
+
+CALLS = {"log_job_dir": log_job_dir, "log_sweep": log_sweep}
+_background = None  # this process's LoggerProcess, started by the first call(..., in_background=True)
+
+
+class LoggerProcess:
+    """A child process that makes the W&B calls it is sent, one after another.
+
+    A job's W&B run is 20-40 ms of Python on CPU (init, about 20 records, finish). In line, the next job waits for
+    it; in a thread it competes with the sampling loop for the GIL (tried on an H100: the loop slowed from 1.01 s
+    to 1.29 s an image). In a process of its own it runs on a core that sampling leaves idle: on a GPU machine
+    always, on CPU when torch has fewer threads than there are cores. Where torch's threads take every core it
+    is no better than in line, so it is not used there (runner.job.core_free_for_logging).
+    """
+
+    def __init__(self):
+        import atexit
+        import multiprocessing
+
+        context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
+        self.calls, self.done = context.Queue(), context.Queue()
+        self.process = context.Process(target=serve, args=(self.calls, self.done), name="runner-wandb", daemon=True)
+        self.process.start()
+        self.pending = 0
+        atexit.register(self.close)  # a sweep that ends without its callback still gets its runs finished
+
+    def submit(self, name: str, *args) -> None:
+        self.calls.put((name, args))
+        self.pending += 1
+
+    def wait(self) -> None:
+        """Until every call sent so far has been made."""
+        while self.pending:
+            try:
+                self.done.get(timeout=1.0)
+                self.pending -= 1
+            except queue.Empty:
+                if not self.process.is_alive():
+                    log.warning(f"W&B: the logger process died; {self.pending} call(s) not made (rows are on disk)")
+                    self.pending = 0
+
+    def close(self) -> None:
+        """Wait for every call sent so far, then stop the process."""
+        self.wait()
+        if self.process.is_alive():
+            self.calls.put(None)
+            self.process.join(timeout=30)
+
+
+def serve(calls, done) -> None:
+    """The child's loop: one W&B call at a time, until None, or until the sweep's process is gone (killed, so no
+    None will come). Ctrl-C is the sweep's to handle, not ours."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.basicConfig(format="[%(asctime)s][runner][%(levelname)s] - %(message)s", level=logging.INFO)
+    parent = os.getppid()
+    while True:
+        try:
+            call = calls.get(timeout=1.0)
+        except queue.Empty:
+            if os.getppid() != parent:
+                return
+            continue
+        if call is None:
+            return
+        name, args = call
+        try:
+            CALLS[name](*args)
+        except Exception as err:  # each call already turns W&B errors into warnings; this is the last net
+            log.warning(f"W&B: {name} failed ({type(err).__name__}: {err})")
+        finally:
+            done.put(name)
+
+
+def call(name: str, *args, in_background: bool) -> None:
+    """Make a W&B call (log_job_dir or log_sweep), in line or in this process's logger process (started on first
+    use; in line if it cannot start)."""
+    global _background
+    if not in_background:
+        CALLS[name](*args)
+        return
+    if _background is None:
+        try:
+            _background = LoggerProcess()
+        except Exception as err:
+            log.warning(f"W&B: no logger process ({type(err).__name__}: {err}); logging in line")
+            CALLS[name](*args)
+            return
+        log.info(f"  W&B: runs are written by a logger process (pid {_background.process.pid}) beside the sampling")
+    _background.submit(name, *args)
+
+
+def background_running() -> bool:
+    return _background is not None
+
+
+def wait_background() -> None:
+    """Until the logger process has made every call sent to it: the sweep's job rows then hold `time_log_s`."""
+    if _background is not None:
+        _background.wait()
+
+
+def finish_background() -> None:
+    """Wait for the logger process's calls, then stop it."""
+    global _background
+    if _background is not None:
+        _background.close()
+        _background = None

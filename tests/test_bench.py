@@ -1,6 +1,9 @@
 """`python -m runner.bench` in a tiny configuration: the JSON it writes and prints (never wall-clock limits)."""
 
 import json
+import os
+
+CORES = len(os.sched_getaffinity(0))
 
 
 def test_bench_writes_and_prints_the_ratios(tmp_path):
@@ -11,7 +14,7 @@ def test_bench_writes_and_prints_the_ratios(tmp_path):
     out = tmp_path / "bench"
     result = subprocess.run(
         [sys.executable, "-m", "runner.bench", "--steps", "2", "--repeats", "2", "--batch", "3", "--schedulers",
-         "ddim,euler", "--guidances", "7.5", "--seeds", "2", "--out", str(out)],
+         "ddim,euler", "--guidances", "7.5", "--seeds", "2", "--threads", "1", "--out", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stderr[-2000:]
     headline = json.loads(result.stdout.strip().splitlines()[-1])
@@ -23,11 +26,20 @@ def test_bench_writes_and_prints_the_ratios(tmp_path):
     report = json.loads(files[0].read_text())
     assert report["headline"] == headline
     per_image, batched, sweep = report["per_image"], report["batched"], report["sweep"]
-    assert len(per_image["runner_s"]) == len(per_image["bare_s"]) == 2
-    assert per_image["runner_over_bare"] == per_image["runner_median_s"] / per_image["bare_median_s"]
+    # --repeats 2: one round of a 2-image block per way; --threads 1 leaves a core free (if there is a second one),
+    # so the runner's W&B runs go to the logger process, and the bench times them in line as well
+    ways = [w for w in ("runner", "runner_logging_in_line", "runner_without_logging")
+            if CORES > 1 or w != "runner_logging_in_line"]
+    assert per_image["images_per_block"] == 2 and ("logger process beside" in per_image["logging"]) == (CORES > 1)
+    for way in ways:
+        assert len(per_image[f"{way}_s"]) == len(per_image["bare_s"]) == 1
+        ratio_key = "runner_over_bare" + way[len("runner"):]
+        assert per_image[ratio_key] == per_image[f"{way}_s"][0] / per_image["bare_s"][0]
+    assert ("runner_logging_in_line_s" in per_image) == (CORES > 1)
+    assert per_image["runner_breakdown_median_s"]["time_log_s"] > 0  # read back: written by the W&B logger process
     assert per_image["runner_breakdown_median_s"]["time_unet_s"] > 0
     assert per_image["runner_breakdown_median_s"]["time_metrics_s"] < 1e-3  # no metric, like the plain loop
-    assert "logging" in per_image
+    assert "logging" in per_image and 0 < per_image["wandb_empty_run_median_s"] < per_image["runner_median_s"]
     assert batched["images"] == 3 and batched["batched_max_pixel_diff_vs_single"] <= 1
     assert sweep["points"] == 4 and len(sweep["runner_s"]) == len(sweep["bare_s"]) == 1
     assert report["environment"]["torch_version"] and report["environment"]["device"] == "cpu"

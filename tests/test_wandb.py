@@ -2,6 +2,11 @@
 
 import hashlib
 import json
+import os
+import re
+import subprocess
+import sys
+import time
 
 import pandas as pd
 import pytest
@@ -14,13 +19,19 @@ SENTINELS = {"WANDB_API_KEY": "sentinel0wandb0key0123456789abcdef0123456789", "H
              "HUGGING_FACE_HUB_TOKEN": "hf_sentinel0token1abcdef"}
 
 
+CORES = len(os.sched_getaffinity(0))
+LOGGER_PROCESS_LINE = "W&B: runs are written by a logger process"
+
+
 @pytest.fixture(scope="module")
 def sweep(tmp_path_factory):
+    # torch on fewer threads than cores: a core is free, so a logger process writes the runs beside the sampling
     tmp = tmp_path_factory.mktemp("wandb")
     sweep = tmp / "sweep"
     result = run_cli("-m", "scheduler=ddpm,unipc", "guidance=3,7.5", "seed=[0,1]", "steps=5", "wandb.mode=offline",
-                     f"hydra.sweep.dir={sweep}", cwd=tmp, env=SENTINELS)
+                     f"hydra.sweep.dir={sweep}", cwd=tmp, env=dict(SENTINELS, OMP_NUM_THREADS="1"))
     assert result.returncode == 0, result.stderr
+    assert (LOGGER_PROCESS_LINE in result.stdout + result.stderr) == (CORES > 1)
     runs = {}
     for run_dir in sorted((sweep / "wandb").glob("offline-run-*")):
         logged = read_run(run_dir)
@@ -145,3 +156,64 @@ def test_online_init_failure_falls_back_to_offline_without_hanging(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "logging offline instead" in result.stdout + result.stderr
     assert len(list((tmp_path / "run" / "wandb").glob("offline-run-*"))) == 1
+
+
+def test_sweep_logs_in_line_where_torch_takes_every_core(tmp_path):
+    # no core free: a logger process would stall torch's threads, so each job writes its run itself
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "scheduler=ddim,euler", "steps=2", "wandb.mode=offline", f"hydra.sweep.dir={sweep}",
+                     cwd=tmp_path, env={"OMP_NUM_THREADS": str(CORES)})
+    assert result.returncode == 0, result.stderr
+    assert LOGGER_PROCESS_LINE not in result.stdout + result.stderr
+    names = {read_run(d)["run"].display_name for d in (sweep / "wandb").glob("offline-run-*")}
+    assert names == {"scheduler=ddim", "scheduler=euler", "sweep-summary"}
+    assert (pd.read_parquet(sweep / "results.parquet").time_log_s > 0).all()
+
+
+def test_a_dead_logger_process_is_a_warning_not_a_hang(caplog):
+    from runner.wandb_logger import LoggerProcess
+
+    logger = LoggerProcess()
+    logger.process.kill()
+    logger.process.join()
+    logger.submit("log_sweep", {"mode": "offline"}, "/nonexistent", None, None)
+    logger.close()  # returns: the call it was waiting for can no longer come
+    assert logger.pending == 0 and "the logger process died; 1 call(s) not made" in caplog.text
+
+
+def test_a_failed_job_run_says_so_with_its_error(tmp_path):
+    result = run_cli(f"hydra.run.dir={tmp_path / 'run'}", "steps=2", "wandb.mode=offline", cwd=tmp_path,
+                     env={"RUNNER_FAULT": "0:error"})
+    assert result.returncode == 1
+    summary = read_run(next((tmp_path / "run" / "wandb").glob("offline-run-*")))["summary"]
+    assert summary["status"] == "failed" and summary["images"] == 0
+    assert "fault injected by RUNNER_FAULT" in summary["error"]
+
+
+def test_a_killed_sweep_leaves_no_logger_process_behind(tmp_path):
+    if CORES < 2:
+        pytest.skip("one core: no logger process")
+    sweep = subprocess.Popen(
+        [sys.executable, "-m", "runner", "-m", "seed=0,1,2,3,4,5,6,7", "wandb.mode=offline",
+         f"hydra.sweep.dir={tmp_path / 'sweep'}"], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1"))
+    found = None
+    for line in sweep.stdout:
+        found = found or re.search(r"logger process \(pid (\d+)\)", line)
+        if found and "[3/8]" in line:  # a few jobs later: the logger process is busy with their runs
+            break
+    assert found, "the sweep never started a logger process"
+    sweep.kill()  # no atexit, no callback: only the logger process itself can notice
+    sweep.wait()
+    logger_pid, deadline = int(found.group(1)), time.time() + 30
+    while process_alive(logger_pid) and time.time() < deadline:
+        time.sleep(0.2)
+    assert not process_alive(logger_pid)
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        state = next(line for line in open(f"/proc/{pid}/status") if line.startswith("State:"))
+    except FileNotFoundError:
+        return False
+    return "zombie" not in state
