@@ -30,9 +30,10 @@ Callbacks.__init__ = _checked_callbacks(Callbacks.__init__)
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> str:
-    from runner.job import run
+    from runner.job import exits_unwrapped, run
 
-    return run(cfg)
+    with exits_unwrapped():
+        return run(cfg)
 
 
 if __name__ == "__main__":

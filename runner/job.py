@@ -7,6 +7,7 @@
 A job that fails after its config was checked still writes its rows, with status=failed and the error.
 """
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -152,6 +153,7 @@ def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
     from runner.timing import JobClock
 
     plan = [(prompt, seed) for prompt in spec.prompts for seed in spec.seeds]
+    inject_fault(context["job_num"], "import")
     base = dict(axis_values(spec), **context, **environment(spec), **row_columns(spec.precision_options),
                 model_revision=spec.model_revision)
     clock = JobClock(spec.device)  # after the one-off library imports; resets the peak-memory counters
@@ -201,6 +203,8 @@ def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
         rows = [dict(row, **times, status="ok", error="") for row in rows]
         log.info(f"  {len(rows)} image(s) in {times['time_total_s']:.2f} s  → {job_dir}")
     except Exception as err:  # record the point as failed; the sweep goes on
+        if exit_in_disguise(err) is not None:
+            raise exit_in_disguise(err) from None
         (job_dir / "error.txt").parent.mkdir(parents=True, exist_ok=True)
         (job_dir / "error.txt").write_text(traceback.format_exc())
         log.error(f"  failed: {type(err).__name__}: {err}")
@@ -228,14 +232,37 @@ def add_image_metrics(spec: Spec, rows: list[dict], pictures: list, job_dir: Pat
     return [dict(row, **m) for row, m in zip(rows, metrics)]
 
 
+def exit_in_disguise(err: BaseException) -> BaseException | None:
+    """The SystemExit or KeyboardInterrupt inside `err`, if that is what it is. A signal handler's exit (submitit's
+    on SLURM preemption: requeue, then sys.exit) that lands while a library import is creating a class comes out
+    of Python 3.11 as `RuntimeError: Error calling __set_name__`. It must still end the job as an exit, so that
+    the requeued job draws the point, instead of becoming a failed point."""
+    cause = err.__cause__
+    return cause if isinstance(cause, (SystemExit, KeyboardInterrupt)) else None
+
+
+@contextlib.contextmanager
+def exits_unwrapped():
+    """Around a whole job: an exit in disguise (see exit_in_disguise) leaves as the exit it is."""
+    try:
+        yield
+    except Exception as err:
+        if exit_in_disguise(err) is None:
+            raise
+        raise exit_in_disguise(err) from None
+
+
 FAULT_ENV = "RUNNER_FAULT"
 
 
 def inject_fault(job_num: int, stage: str) -> None:
-    """Tests make point k fail through the real code paths: RUNNER_FAULT="<k>:error|oom|enospc".
+    """Tests make point k fail through the real code paths:
+    RUNNER_FAULT="<k>:error|oom|enospc|exit-in-import|exit-in-load".
 
     `error` and `oom` (torch.cuda.OutOfMemoryError) raise before sampling; `enospc` raises "No space left on device"
-    where the job writes its first image.
+    where the job writes its first image. `exit-in-import` and `exit-in-load` create a class whose creation calls
+    sys.exit(-1), as a preemption signal does when it lands during a library import: where the job imports its
+    libraries (before its error handling), and after the model loaded (inside it; diffusers imports lazily).
     """
     fault = os.environ.get(FAULT_ENV, "")
     if not fault or fault.split(":")[0] != str(job_num):
@@ -247,6 +274,12 @@ def inject_fault(job_num: int, stage: str) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by RUNNER_FAULT)")
     if stage == "sample" and kind == "error":
         raise RuntimeError("fault injected by RUNNER_FAULT")
+    if (stage, kind) in (("import", "exit-in-import"), ("sample", "exit-in-load")):
+        class ExitsWhenNamed:
+            def __set_name__(self, owner, name):
+                sys.exit(-1)
+
+        type("LibraryClass", (), {"handle": ExitsWhenNamed()})
     if stage == "save" and kind == "enospc":
         import errno
 

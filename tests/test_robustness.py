@@ -99,6 +99,19 @@ def test_a_failing_point_is_recorded_and_a_resume_runs_only_it(tmp_path):
     assert first_png.stat().st_mtime_ns == mtime  # finished points untouched
 
 
+@pytest.mark.parametrize("fault", ["exit-in-import", "exit-in-load"])
+def test_an_exit_during_a_library_import_ends_the_job_as_an_exit_not_a_failed_point(tmp_path, fault):
+    # submitit's preemption handler requeues the SLURM job, then calls sys.exit; landing while an import creates a
+    # class, that exit comes out of Python 3.11 as a RuntimeError. Recorded as a failed point, the requeued job's
+    # result would never be waited for; as an exit, the process stops with no rows for the point.
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "scheduler=ddpm,unipc", "steps=2", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
+                     env={"RUNNER_FAULT": f"1:{fault}"})
+    assert result.returncode == 255  # sys.exit(-1)
+    assert (sweep / "0" / "rows.parquet").is_file() and not (sweep / "1" / "rows.parquet").exists()
+    assert "Error calling __set_name__" not in result.stdout + result.stderr
+
+
 def test_a_full_disk_fails_the_point_and_keeps_earlier_rows(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli("-m", "scheduler=ddpm,unipc,lms", "steps=3", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
