@@ -4,7 +4,7 @@
     (b) bare:   a StableDiffusionPipeline loaded once, called per image, scheduler swapped by from_config,
                 each image saved as a PNG
 
-Cases, the two ways interleaved (a, b, a, b ...) so that machine noise hits both alike:
+Cases, the ways interleaved (a, b, a, b ...) so that machine noise hits them alike:
     per_image  batch 1, the model already loaded: blocks of one-image jobs, median
                of the per-round seconds ratios (W&B on and off)                      → runner_over_bare
     batched    8 seeds as one runner job vs the same 8 as 8 runner jobs              → batched_over_single

@@ -203,8 +203,8 @@ def run_spec(spec: Spec, job_dir: Path, context: dict) -> list[dict]:
         rows = [dict(row, **times, status="ok", error="") for row in rows]
         log.info(f"  {len(rows)} image(s) in {times['time_total_s']:.2f} s  → {job_dir}")
     except Exception as err:  # record the point as failed; the sweep goes on
-        if exit_in_disguise(err) is not None:
-            raise exit_in_disguise(err) from None
+        if (real_exit := exit_in_disguise(err)) is not None:
+            raise real_exit from None
         (job_dir / "error.txt").parent.mkdir(parents=True, exist_ok=True)
         (job_dir / "error.txt").write_text(traceback.format_exc())
         log.error(f"  failed: {type(err).__name__}: {err}")
@@ -247,9 +247,9 @@ def exits_unwrapped():
     try:
         yield
     except Exception as err:
-        if exit_in_disguise(err) is None:
+        if (real_exit := exit_in_disguise(err)) is None:
             raise
-        raise exit_in_disguise(err) from None
+        raise real_exit from None
 
 
 FAULT_ENV = "RUNNER_FAULT"

@@ -145,8 +145,8 @@ def log_job(options: dict, config: dict, rows: list[dict], schedule: list[dict],
         run.log(payload)
         run.summary.update({k: v for k, v in first.items()  # NaN: not measured here (CUDA memory on CPU)
                             if k.startswith(SUMMARY_PREFIXES) and v == v})
-        run.summary.update({"status": "ok" if len(ok) == len(rows) else "failed", "images": len(ok)})
         failed = [r for r in rows if r["status"] != "ok"]
+        run.summary.update({"status": "failed" if failed else "ok", "images": len(ok)})
         if failed:
             run.summary["error"] = failed[0]["error"]
         run.summary.update(mean_image_metrics(ok))

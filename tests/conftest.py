@@ -15,6 +15,7 @@ import runner  # noqa: E402  (registers the config resolvers)
 
 REPO = Path(runner.__file__).resolve().parent.parent
 CONF_DIR = REPO / "conf"
+CORES = len(os.sched_getaffinity(0))  # the cores this process may run on (a W&B logger process needs a spare one)
 
 
 def compose_config(*overrides, hydra_config=False):

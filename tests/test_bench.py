@@ -1,9 +1,8 @@
 """`python -m runner.bench` in a tiny configuration: the JSON it writes and prints (never wall-clock limits)."""
 
 import json
-import os
 
-CORES = len(os.sched_getaffinity(0))
+from conftest import CORES
 
 
 def test_bench_writes_and_prints_the_ratios(tmp_path):

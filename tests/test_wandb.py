@@ -11,7 +11,7 @@ import time
 import pandas as pd
 import pytest
 
-from conftest import run_cli
+from conftest import CORES, run_cli
 from runner.wandb_logger import flatten, resolve_mode, scrub
 from wandb_records import read_run
 
@@ -19,7 +19,6 @@ SENTINELS = {"WANDB_API_KEY": "sentinel0wandb0key0123456789abcdef0123456789", "H
              "HUGGING_FACE_HUB_TOKEN": "hf_sentinel0token1abcdef"}
 
 
-CORES = len(os.sched_getaffinity(0))
 LOGGER_PROCESS_LINE = "W&B: runs are written by a logger process"
 
 
