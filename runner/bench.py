@@ -6,7 +6,8 @@
 
 Cases, the ways interleaved (a, b, a, b ...) so that machine noise hits them alike:
     per_image  batch 1, the model already loaded: blocks of one-image jobs, median
-               of the per-round seconds ratios (W&B on and off)                      → runner_over_bare
+               of the per-round seconds ratios (W&B on and off; the wait for the
+               last W&B run apart, as it comes once per sweep)                       → runner_over_bare
     batched    8 seeds as one runner job vs the same 8 as 8 runner jobs              → batched_over_single
     sweep      12 points (schedulers × guidance × seeds), model load included       → sweep_over_bare
 
@@ -104,22 +105,27 @@ def run_runner(spec, out_dir: Path, wandb_mode: str = "disabled",
     return elapsed, rows
 
 
-def runner_jobs(specs, out_dirs, wandb_mode: str, in_background: bool) -> tuple[float, list[dict]]:
-    """One-image jobs back to back, as an in-process sweep runs them. With W&B on, the time includes waiting
-    for the last job's W&B run, and the rows are read back with their `time_log_s`."""
+def runner_jobs(lead, specs, out_dir: Path, wandb_mode: str, in_background: bool) -> tuple[float, float, list[dict]]:
+    """One-image jobs back to back, as an in-process sweep runs them, after an untimed lead job: with a logger
+    process, job k's W&B run is written while job k+1 draws, so the lead makes every timed job draw beside one
+    run, as in a sweep's steady state. Returns the timed jobs' seconds, the seconds then spent waiting for the
+    last W&B run (a sweep pays that once, at its end), and their rows (read back with `time_log_s`)."""
     import pandas as pd
 
     from runner.record import ROWS_FILE
     from runner.wandb_logger import wait_background
 
-    start = clock(specs[0].device)
-    rows = [row for spec, out_dir in zip(specs, out_dirs)
-            for row in run_runner(spec, out_dir, wandb_mode, in_background)[1]]
+    run_runner(lead, out_dir / "lead", wandb_mode, in_background)
+    job_dirs = [out_dir / f"seed{spec.seeds[0]}" for spec in specs]
+    start = clock(lead.device)
+    rows = [row for spec, job_dir in zip(specs, job_dirs)
+            for row in run_runner(spec, job_dir, wandb_mode, in_background)[1]]
+    drawn = clock(lead.device)
     wait_background()
-    elapsed = clock(specs[0].device) - start
+    waited = clock(lead.device) - drawn
     if wandb_mode != "disabled":
-        rows = [row for out_dir in out_dirs for row in pd.read_parquet(out_dir / ROWS_FILE).to_dict("records")]
-    return elapsed, rows
+        rows = [row for job_dir in job_dirs for row in pd.read_parquet(job_dir / ROWS_FILE).to_dict("records")]
+    return drawn - start, waited, rows
 
 
 def load_bare(model_dir: str, spec, fast: bool = False):
@@ -193,20 +199,21 @@ def clear_model_cache():
 # --------------------------------------------------------------------------- cases
 
 
-BLOCK = 5  # one-image jobs per timed block in the per-image case
+BLOCK = 5  # timed one-image jobs per way and round in the per-image case
 
 
 def case_per_image(model_dir, args, work: Path) -> dict:
-    """Blocks of one-image jobs, the ways in rotating order each round: the runner logging to W&B as a sweep of
+    """Rounds of one-image jobs, the ways in rotating order each round: the runner logging to W&B as a sweep of
     this device does (by the logger process where a core is free for it, else in line), the runner logging in
-    line (where that differs), the runner without W&B, and the plain pipeline. Blocks rather than single images,
-    because a logger process writes each run beside the next job: a block's time ends when its last run is
-    written."""
+    line (where that differs), the runner without W&B, and the plain pipeline. Each way's block of images starts
+    after an untimed lead image (see runner_jobs); the wait for a block's last W&B run is timed apart, as the
+    once-per-sweep cost it is."""
     from runner.job import core_free_for_logging
 
     block = min(BLOCK, args.repeats)
     rounds = max(1, args.repeats // block)
     spec = runner_spec(model_dir, args, seed=0)
+    lead = runner_spec(model_dir, args, seed=10**6)
     pipe = load_bare(model_dir, spec, fast=args.fast)
     background = args.wandb != "disabled" and core_free_for_logging(spec)
     # (W&B mode, in the logger process) per runner way
@@ -218,20 +225,22 @@ def case_per_image(model_dir, args, work: Path) -> dict:
         del runner_ways["runner"]
     # every way warm before timing: first calls, model loaded, W&B's logger process and service started (~2 s)
     for name, (mode, in_background) in runner_ways.items():
-        runner_jobs([spec], [work / f"warm-{name}"], mode, in_background)
+        runner_jobs(lead, [], work / f"warm-{name}", mode, in_background)
     run_bare(pipe, spec, None, [0], work / "warm-bare")
     specs = [runner_spec(model_dir, args, seed=i) for i in range(rounds * block)]
-    seconds, runner_rows = {name: [] for name in [*runner_ways, "bare"]}, []
+    seconds, final_wait, runner_rows = {name: [] for name in [*runner_ways, "bare"]}, [], []
 
     def runner_way(name, r):
-        chunk = specs[r * block:(r + 1) * block]
-        elapsed, rows = runner_jobs(chunk, [work / f"{name}-{s.seeds[0]}" for s in chunk], *runner_ways[name])
-        seconds[name].append(elapsed / block)
+        drawn, waited, rows = runner_jobs(lead, specs[r * block:(r + 1) * block], work / f"{name}-{r}",
+                                          *runner_ways[name])
+        seconds[name].append(drawn / block)
         if name == "runner":
+            final_wait.append(waited)
             runner_rows.extend(rows)
 
     def bare_way(_, r):
-        seeds = list(range(r * block, (r + 1) * block))
+        run_bare(pipe, spec, None, [lead.seeds[0]], work / f"bare-{r}-lead")
+        seeds = range(r * block, (r + 1) * block)
         seconds["bare"].append(run_bare(pipe, spec, None, seeds, work / f"bare-{r}") / block)
 
     ways = [(name, runner_way) for name in runner_ways] + [("bare", bare_way)]
@@ -242,25 +251,30 @@ def case_per_image(model_dir, args, work: Path) -> dict:
     runner_s, bare_s = seconds.get("runner", seconds["runner_without_logging"]), seconds["bare"]
     breakdown = ("time_encode_s", "time_denoise_s", "time_unet_s", "time_scheduler_s", "time_decode_s", "time_save_s",
                  "time_metrics_s", "time_log_s", "time_total_s")
+    logged = {
+        "wandb_final_wait_s": final_wait, "wandb_final_wait_median_s": statistics.median(final_wait),
+        # a sweep of `images_per_block` one-image jobs, the wait for its last run counted in
+        "runner_over_bare_with_final_wait": paired_ratio([s + w / block for s, w in zip(runner_s, final_wait)], bare_s),
+        "runner_breakdown_median_s": {k: statistics.median(r[k] for r in runner_rows) for k in breakdown},
+        "logging": logging_note(args.wandb, background),
+        "wandb_empty_run_median_s": empty_wandb_run_s(work / "empty-runs"),
+    } if runner_rows else {"logging": "W&B logging off (--wandb disabled): the runner is timed without it"}
     return {
         "images_per_block": block, **{f"{name}_s": seconds[name] for name in seconds},
         "runner_median_s": statistics.median(runner_s), "bare_median_s": statistics.median(bare_s),
         "runner_over_bare": paired_ratio(runner_s, bare_s),
         **{f"runner_over_bare_{name[len('runner_'):]}": paired_ratio(seconds[name], bare_s)
            for name in runner_ways if name != "runner"},
-        "runner_breakdown_median_s": {k: statistics.median(r[k] for r in runner_rows) for k in breakdown} if runner_rows
-        else {},
-        "logging": logging_note(args.wandb, background) if runner_rows else
-                   "W&B logging off (--wandb disabled): the runner is timed without it",
-        **({"wandb_empty_run_median_s": empty_wandb_run_s(work / "empty-runs")} if runner_rows else {}),
+        **logged,
         **flops(spec, images=1, seconds=statistics.median(runner_s), prefix="runner_", sd15=args.unet == "sd15"),
         **flops(spec, images=1, seconds=statistics.median(bare_s), prefix="bare_", sd15=args.unet == "sd15"),
     }
 
 
 def logging_note(mode: str, in_background: bool) -> str:
-    where = ("written by the W&B logger process beside the next job; runner_s includes waiting for each block's "
-             "last run; runner_logging_in_line_s: written in line instead") if in_background else \
+    where = ("written by the W&B logger process while the next job draws; runner_s is per image with a run "
+             "written beside each one, wandb_final_wait_s the wait for a block's last run (once per sweep); "
+             "runner_logging_in_line_s: written in line instead") if in_background else \
         "written in line (no core free for a logger process)"
     return f"W&B ({mode}): one run per job, {where}"
 

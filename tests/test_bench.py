@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from conftest import CORES
 
 
@@ -29,12 +31,17 @@ def test_bench_writes_and_prints_the_ratios(tmp_path):
     # so the runner's W&B runs go to the logger process, and the bench times them in line as well
     ways = [w for w in ("runner", "runner_logging_in_line", "runner_without_logging")
             if CORES > 1 or w != "runner_logging_in_line"]
-    assert per_image["images_per_block"] == 2 and ("logger process beside" in per_image["logging"]) == (CORES > 1)
+    assert per_image["images_per_block"] == 2 and ("logger process while" in per_image["logging"]) == (CORES > 1)
     for way in ways:
         assert len(per_image[f"{way}_s"]) == len(per_image["bare_s"]) == 1
         ratio_key = "runner_over_bare" + way[len("runner"):]
         assert per_image[ratio_key] == per_image[f"{way}_s"][0] / per_image["bare_s"][0]
     assert ("runner_logging_in_line_s" in per_image) == (CORES > 1)
+    # the wait for the block's last W&B run is timed apart (a logger process's; in line there is none)
+    [final_wait] = per_image["wandb_final_wait_s"]
+    assert (final_wait > 0) == (CORES > 1)
+    assert per_image["runner_over_bare_with_final_wait"] == pytest.approx(
+        (per_image["runner_s"][0] + final_wait / 2) / per_image["bare_s"][0])
     assert per_image["runner_breakdown_median_s"]["time_log_s"] > 0  # read back: written by the W&B logger process
     assert per_image["runner_breakdown_median_s"]["time_unet_s"] > 0
     assert per_image["runner_breakdown_median_s"]["time_metrics_s"] < 1e-3  # no metric, like the plain loop
