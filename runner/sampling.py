@@ -7,6 +7,7 @@ or W&B. Given the same inputs they reproduce `DDPMPipeline`, `StableDiffusionPip
 
 import inspect
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from diffusers.utils.torch_utils import randn_tensor
@@ -59,11 +60,28 @@ def _timed(timer, name):
     return timer(name) if timer is not None else nullcontext()
 
 
-def _denoise(scheduler, latents, timesteps, predict_noise, extra, progress, timer):
+@dataclass
+class Tally:
+    """Model evaluations per image, counted where they happen: `nfe` counts evaluations of the guided model (a
+    classifier-free-guidance pair is one, as sampler papers count), `forward` the network's forward passes (a
+    CFG pair is two)."""
+
+    nfe: int = 0
+    forward: int = 0
+
+    def add(self, passes: int) -> None:
+        self.nfe += 1
+        self.forward += passes
+
+
+def denoise(scheduler, latents, timesteps, predict_noise, extra, progress, timer, tally=None, passes=1):
+    """The loop every family shares: predict, then let the scheduler step; `passes` forward passes per call."""
     for t in tqdm(timesteps, desc="denoising", leave=False, disable=not progress):
         with _timed(timer, "step"):
             with _timed(timer, "unet"):
                 noise_pred = predict_noise(latents, t)
+            if tally is not None:
+                tally.add(passes)
             with _timed(timer, "scheduler"):
                 latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
     return latents
@@ -83,7 +101,7 @@ def sample_unconditional(unet, scheduler, generators, height, width, steps, eta=
     def predict_noise(x, t):
         return unet(scheduler.scale_model_input(x, t), t).sample
 
-    images = _denoise(scheduler, images, scheduler.timesteps, predict_noise, step_kwargs(scheduler, generators, eta),
+    images = denoise(scheduler, images, scheduler.timesteps, predict_noise, step_kwargs(scheduler, generators, eta),
                       progress, timer)
     # 4. to pixels
     return to_uint8(images), images
@@ -129,7 +147,7 @@ def sample_text_to_image(unet, vae, scheduler, cond_embeds, uncond_embeds, gener
         noise_uncond, noise_cond = noise_pred.chunk(2)
         return noise_uncond + guidance * (noise_cond - noise_uncond)
 
-    latents = _denoise(scheduler, latents, timesteps, predict_noise, step_kwargs(scheduler, generators, eta),
+    latents = denoise(scheduler, latents, timesteps, predict_noise, step_kwargs(scheduler, generators, eta),
                        progress, timer)
     # 4. decode
     with _timed(timer, "vae_decode"):
