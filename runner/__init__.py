@@ -6,6 +6,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 EMBEDDED_MODELS_DIR = Path(__file__).parent / "models"
+CONF_DIR = Path(__file__).parent / "conf"  # conf/, shipped inside the package (a link in a source checkout)
 
 
 def embedded_model_path(name: str) -> str:

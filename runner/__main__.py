@@ -11,7 +11,8 @@ def _checked_callbacks(init):
     """Hydra instantiates hydra.callbacks before any task runs: refuse classes outside the allow-list first."""
 
     def checked_init(self, config=None):
-        from runner.spec import ConfigError, refuse_unknown_targets
+        from runner.checks import ConfigError
+        from runner.spec import refuse_unknown_targets
 
         callbacks = OmegaConf.select(config, "hydra.callbacks") if config is not None else None
         if callbacks:
@@ -28,9 +29,10 @@ def _checked_callbacks(init):
 Callbacks.__init__ = _checked_callbacks(Callbacks.__init__)
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+@hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> str:
-    from runner.job import exits_unwrapped, run
+    from runner.exits import exits_unwrapped
+    from runner.job import run
 
     with exits_unwrapped():
         return run(cfg)

@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from runner.job import SWEEP_SIZE_ENV, SWEPT_KEYS_ENV
+from runner.context import SWEEP_SIZE_ENV, SWEPT_KEYS_ENV
 
 log = logging.getLogger("runner")
 
@@ -37,17 +37,17 @@ class SweepResults(Callback):
             os.environ.pop(SWEPT_KEYS_ENV, None)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
-        from runner import wandb_logger
+        from runner.loggers import wandb
 
         # Hydra turns a callback's exception into a warning: a sweep whose table could not be written must still fail.
         try:
-            wandb_logger.wait_background()  # the jobs' W&B runs, written beside the sampling, and their time_log_s
+            wandb.wait_background()  # the jobs' W&B runs, written beside the sampling
             self.write_sweep_results(config)
         except Exception as err:
             log.error(f"could not write the sweep's results table: {type(err).__name__}: {err}")
             sys.exit(1)
         finally:
-            wandb_logger.finish_background()
+            wandb.finish_background()
 
     def write_sweep_results(self, config: DictConfig) -> None:
         from runner import results
@@ -66,7 +66,7 @@ class SweepResults(Callback):
             log.warning(f"sweep: convergence metrics not computed: {type(err).__name__}: {err}")
         write_table(sweep_dir / "results.parquet", df)
         write_table(sweep_dir / "results.csv", df)
-        log_sweep_to_wandb(config, sweep_dir, df)
+        write_grid_and_log(config, sweep_dir, df)
         failed = df[df["status"] != "ok"]
         log.info(f"sweep: {len(df) - len(failed)} image(s) ok, {len(failed)} failed → {sweep_dir / 'results.parquet'}")
         if len(failed):
@@ -75,12 +75,10 @@ class SweepResults(Callback):
             sys.exit(1)
 
 
-def log_sweep_to_wandb(config: DictConfig, sweep_dir: Path, df) -> None:
-    """The labelled grid (grid.png in the sweep dir) and, unless W&B is disabled, the sweep-summary run."""
-    from omegaconf import OmegaConf
-
-    from runner import wandb_logger
+def write_grid_and_log(config: DictConfig, sweep_dir: Path, df) -> None:
+    """The labelled grid (grid.png in the sweep dir) and the sweep's summary for the loggers."""
     from runner.grid import default_grid_axes, grid_image
+    from runner.loggers import wandb
 
     grid_path = sweep_dir / "grid.png"
     try:
@@ -88,8 +86,4 @@ def log_sweep_to_wandb(config: DictConfig, sweep_dir: Path, df) -> None:
     except Exception as err:  # a grid is a convenience: never fail the sweep for it
         log.warning(f"could not draw the sweep grid: {type(err).__name__}: {err}")
         grid_path = None
-    options = OmegaConf.to_container(config.wandb, resolve=True) if "wandb" in config else {"mode": "disabled"}
-    if wandb_logger.resolve_mode(options.get("mode", "auto")) != "disabled":
-        # where a logger process wrote the jobs' runs, it writes this one too (W&B's service is already up there)
-        wandb_logger.call("log_sweep", options, sweep_dir, df, grid_path,
-                          in_background=wandb_logger.background_running())
+    wandb.sweep_finished(config, sweep_dir, df, grid_path)

@@ -1,38 +1,17 @@
-"""Load a model family through `from_pretrained`, safely, once per process.
+"""Load a model's components through `from_pretrained`, safely, once per process; the family says which.
 
 The cache key is what changes the weights or the modules (model, VAE, revision, dtype, device, and the precision
 options that rebuild modules: channels_last, compile, attention, VAE slicing/tiling, CPU offload); the scheduler
 is not part of it, since every job builds its own from the model's scheduler config.
 """
 
-from dataclasses import dataclass, field
-from typing import Any
-
-DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
-
-
-class ModelLoadError(RuntimeError):
-    """The weights could not be loaded: the message says which file and what to do."""
-
-
-@dataclass
-class Components:
-    family: str
-    unet: Any
-    scheduler_config: dict
-    vae: Any = None
-    text_encoder: Any = None
-    tokenizer: Any = None
-    warmed: set = field(default_factory=set)  # input shapes the UNet has already run (runner.precision.warm_up)
-
+from runner.families import Components, by_name
 
 _CACHE: dict[tuple, Components] = {}
 
 
-def torch_dtype(name: str):
-    import torch
-
-    return getattr(torch, DTYPES[name])
+class ModelLoadError(RuntimeError):
+    """The weights could not be loaded: the message says which file and what to do."""
 
 
 def load_components(spec) -> tuple[Components, bool]:
@@ -44,8 +23,13 @@ def load_components(spec) -> tuple[Components, bool]:
     if key in _CACHE:
         return _CACHE[key], True
     _CACHE.clear()  # one model in memory at a time: sweeps run jobs of one model back to back (hydra_plugins/runner_sweeper)
-    _CACHE[key] = apply_options(_load(spec), spec.precision_options, spec.device) if spec.precision_options else _load(spec)
+    components = _load(spec)
+    _CACHE[key] = apply_options(components, spec.precision_options, spec.device) if spec.precision_options else components
     return _CACHE[key], False
+
+
+def clear_cache() -> None:
+    _CACHE.clear()
 
 
 def _load(spec) -> Components:
@@ -55,32 +39,35 @@ def _load(spec) -> Components:
     for library in (diffusers, transformers):  # our own progress bar and warnings say what matters
         library.utils.logging.set_verbosity_error()
         library.utils.logging.disable_progress_bar()
-    # Never trust_remote_code; pickle weights (.bin/.ckpt) only when the config opts in explicitly.
-    # None: safetensors where present, pickle only where it is all there is (and the config opted in)
-    safetensors_only = True if not spec.allow_pickle else None
-    common = dict(revision=spec.revision, use_safetensors=safetensors_only)
-    typed = dict(common, torch_dtype=torch_dtype(spec.dtype))
-
-    def load(cls, subfolder, path=spec.name_or_path, **kw):
-        try:
-            return cls.from_pretrained(path, subfolder=subfolder, **kw)
-        except Exception as err:
-            hint = ("" if spec.allow_pickle else
-                    " If this model has only .bin/.ckpt (pickle) weights and you trust it, set model.allow_pickle=true.")
-            raise ModelLoadError(f"could not load {subfolder or 'vae'} of {path}: {type(err).__name__}: "
-                                 f"{str(err).splitlines()[0] if str(err) else ''}.{hint}") from err
-
     # Any scheduler class reads scheduler/scheduler_config.json the same way; the job picks the class later.
     scheduler_config = dict(diffusers.DDPMScheduler.load_config(spec.name_or_path, subfolder="scheduler",
                                                                 revision=spec.revision))
-    if spec.family == "unconditional":
-        unet = load(diffusers.UNet2DModel, "unet", **typed)
-        return Components(spec.family, unet.to(spec.device).eval(), scheduler_config)
+    return by_name(spec.family).load(loader(spec), scheduler_config)
 
-    unet = load(diffusers.UNet2DConditionModel, "unet", **typed)
-    vae = (load(diffusers.AutoencoderKL, None, path=spec.vae, torch_dtype=typed["torch_dtype"], use_safetensors=safetensors_only)
-           if spec.vae else load(diffusers.AutoencoderKL, "vae", **typed))
-    text_encoder = load(transformers.CLIPTextModel, "text_encoder", **typed)
-    tokenizer = load(transformers.CLIPTokenizer, "tokenizer", revision=spec.revision)
-    return Components(spec.family, unet.to(spec.device).eval(), scheduler_config, vae=vae.to(spec.device).eval(),
-                      text_encoder=text_encoder.to(spec.device).eval(), tokenizer=tokenizer)
+
+def loader(spec):
+    """`load(cls, subfolder)` for the family: never trust_remote_code; pickle weights (.bin/.ckpt) only when the
+    config opts in (model.allow_pickle); models in the run's dtype, on its device, in eval mode."""
+    from runner.precision import torch_dtype
+
+    # None: safetensors where present, pickle only where it is all there is (and the config opted in)
+    safetensors_only = True if not spec.allow_pickle else None
+
+    def load(cls, subfolder, optional=False):
+        is_model = hasattr(cls, "eval")  # models, not tokenizers
+        path, folder = (spec.vae, None) if subfolder == "vae" and spec.vae else (spec.name_or_path, subfolder)
+        options = dict(subfolder=folder, revision=None if spec.vae and subfolder == "vae" else spec.revision)
+        if is_model:
+            options.update(torch_dtype=torch_dtype(spec.dtype), use_safetensors=safetensors_only)
+        try:
+            component = cls.from_pretrained(path, **options)
+        except Exception as err:
+            if optional:
+                return None
+            hint = ("" if spec.allow_pickle else
+                    " If this model has only .bin/.ckpt (pickle) weights and you trust it, set model.allow_pickle=true.")
+            raise ModelLoadError(f"could not load {folder or 'vae'} of {path}: {type(err).__name__}: "
+                                 f"{str(err).splitlines()[0] if str(err) else ''}.{hint}") from err
+        return component.to(spec.device).eval() if is_model else component
+
+    return load

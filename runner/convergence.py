@@ -8,9 +8,8 @@ run (a job dir, sweep dir or tree), e.g. ddim at 200 steps, whose most-steps ima
 
 from pathlib import Path
 
-METRIC_COLUMNS = ("psnr_to_ref", "ssim_to_ref", "latent_mse_to_ref", "ref_scheduler", "ref_steps")
-CONTENT_AXES = ("model", "prompt", "negative_prompt", "seed", "guidance", "height", "width", "precision", "strength",
-                "init_image")
+from runner.columns import CONTENT_AXES, CONVERGENCE_COLUMNS
+
 PREFERRED_REFERENCE = "ddim"  # deterministic and stable at high step counts
 
 
@@ -67,11 +66,11 @@ def _is_file(path) -> bool:
 
 
 def add_convergence(df, reference=None, scheduler: str | None = None):
-    """`df` with the METRIC_COLUMNS filled for every ok row that has a reference (the reference itself gets
+    """`df` with the CONVERGENCE_COLUMNS filled for every ok row that has a reference (the reference itself gets
     PSNR inf, SSIM 1). `reference`: a path to a separate reference run; `scheduler`: the reference scheduler."""
     from runner import results
 
-    df = df.drop(columns=[c for c in METRIC_COLUMNS if c in df.columns])
+    df = df.drop(columns=[c for c in CONVERGENCE_COLUMNS if c in df.columns])
     if df.empty or "image_path" not in df:
         return df
     if reference is not None:
@@ -90,6 +89,6 @@ def add_convergence(df, reference=None, scheduler: str | None = None):
             if values:
                 values.update(ref_scheduler=ref["scheduler"], ref_steps=ref["steps"])
         filled.append(values)
-    for column in METRIC_COLUMNS:
+    for column in CONVERGENCE_COLUMNS:
         df[column] = [values.get(column) for values in filled]
     return df

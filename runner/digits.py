@@ -1,6 +1,6 @@
 """Handwritten-digit metrics for the embedded digit models (digits-ddpm, digits-sd).
 
-A small CNN, trained on scikit-learn's bundled 8x8 digits (see runner/train_digits.py), says which digit an image
+A small CNN, trained on scikit-learn's bundled 8x8 digits (see runner/tools/train_digits.py), says which digit an image
 shows. From its class probabilities come two per-image numbers:
 
 - `prompt_adherence`: the probability of the digit the prompt asked for (None when the prompt names no digit);

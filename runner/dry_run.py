@@ -11,7 +11,8 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 def report(jobs: list[list[str]], configs: list[DictConfig], history_path) -> str:
     """A plain-text table: one line per job, then the totals."""
-    from runner.spec import ConfigError, make_spec
+    from runner.checks import ConfigError
+    from runner.spec import make_spec
 
     history = past_rows(history_path)
     lines = [f"dry run: {len(jobs)} job(s); nothing runs (estimates from {history_path})",

@@ -3,8 +3,8 @@ separate pages; grids larger than MAX_COLUMNS × MAX_ROWS are split into several
 
 from pathlib import Path
 
-AXES = ("model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt", "strength", "precision",
-        "height", "width")
+from runner.columns import AXES
+
 LABEL_HEIGHT = 18
 MAX_LABEL_CHARS = 24
 MIN_CELL = 128  # small model outputs are scaled up so that labels and details stay readable

@@ -4,7 +4,6 @@
   for its whole life (CUDA_VISIBLE_DEVICES, set before torch initialises CUDA in it), so the model it loaded stays
   cached for its next jobs. A worker claims the first free GPU by holding an exclusive lock on that GPU's lock
   file; the OS drops the lock when the worker exits, so a replaced worker takes the freed GPU.
-- `job_run_id`: one W&B run id per job dir and config, so a requeued or re-run job resumes its run.
 """
 
 import hashlib
@@ -66,13 +65,3 @@ def claim_gpu(gpus: list[str], locks: Path) -> dict:
         except BlockingIOError:
             handle.close()
     return {"gpu": gpus[os.getpid() % len(gpus)], "lock": None}
-
-
-def job_run_id(context: dict) -> str:
-    """A W&B run id fixed by the job's identity (its job dir and config hash): use it with resume="allow".
-
-    A job that SLURM requeues after preemption or timeout, or a sweep re-run into the same sweep dir, runs in the
-    same job dir with the same config, so it gets the same id and its W&B run resumes instead of starting a twin.
-    """
-    identity = f"{context['job_dir']}\n{context['config_hash']}"
-    return hashlib.sha256(identity.encode()).hexdigest()[:32]

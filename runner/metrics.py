@@ -18,18 +18,17 @@ import logging
 from functools import lru_cache
 from pathlib import Path
 
+from runner.columns import IMAGE_METRIC_COLUMNS
+
 log = logging.getLogger("runner")
 
 METRICS = ("digits", "clip")
-COLUMNS = ("prompt_adherence", "class_confidence", "predicted_digit", "clip_score")
-SCORE_COLUMNS = ("prompt_adherence", "class_confidence", "clip_score")  # scores, not labels: they average per job
-QUALITY_COLUMNS = ("prompt_adherence", "clip_score")  # how well an image follows its prompt: charted in reports
 
 
 def image_metrics(metric: str | None, images, prompts, clip_model: str | None = None,
                   conditional: bool = True) -> list[dict]:
-    """One dict of COLUMNS per image (uint8 HWC arrays); `prompts[i]` is image i's prompt."""
-    empty = [dict.fromkeys(COLUMNS) for _ in images]
+    """One dict of IMAGE_METRIC_COLUMNS per image (uint8 HWC arrays); `prompts[i]` is image i's prompt."""
+    empty = [dict.fromkeys(IMAGE_METRIC_COLUMNS) for _ in images]
     if metric == "digits":
         from runner.digits import digit_from_prompt, score_digits
 

@@ -5,7 +5,9 @@ Options that change the modules (channels_last, compile, attention, VAE slicing/
 the model cache key; TF32 is a process-wide torch switch, set at the start of every job so it never leaks.
 """
 
-from runner.spec import _fail
+from runner.checks import fail
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # precision.dtype → torch's name
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 ATTENTION = ("sdpa", "eager")
@@ -14,27 +16,34 @@ FLAGS = ("tf32", "channels_last", "compile", "vae_slicing", "vae_tiling", "cpu_o
 MODULE_OPTIONS = ("channels_last", "compile", "compile_mode", "attention", "vae_slicing", "vae_tiling", "cpu_offload")
 
 
-def check_options(precision: dict, device: str, family: str) -> dict:
+def torch_dtype(name: str):
+    """The torch dtype of a resolved `precision.dtype` (fp32 | fp16 | bf16)."""
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def check_options(precision: dict, device: str, family) -> dict:
     """The options of a composed `precision` config, checked against the device and the model family."""
     options = {}
     for flag in FLAGS:
-        value = precision.get(flag, False)
+        value = precision[flag]
         if not isinstance(value, bool):
-            _fail(f"precision.{flag}", value, "true or false")
+            fail(f"precision.{flag}", value, "true or false")
         options[flag] = value
-    options["compile_mode"] = precision.get("compile_mode", "default")
+    options["compile_mode"] = precision["compile_mode"]
     if options["compile_mode"] not in COMPILE_MODES:
-        _fail("precision.compile_mode", options["compile_mode"], " | ".join(COMPILE_MODES))
-    options["attention"] = precision.get("attention", "sdpa")
+        fail("precision.compile_mode", options["compile_mode"], " | ".join(COMPILE_MODES))
+    options["attention"] = precision["attention"]
     if options["attention"] not in ATTENTION:
-        _fail("precision.attention", options["attention"], " | ".join(ATTENTION) + " (sdpa: torch's scaled_dot_product_attention)")
+        fail("precision.attention", options["attention"], " | ".join(ATTENTION) + " (sdpa: torch's scaled_dot_product_attention)")
     if options["cpu_offload"] and not device.startswith("cuda"):
-        _fail("precision.cpu_offload", True, "false on CPU: model CPU offload moves weights to a CUDA device per call")
+        fail("precision.cpu_offload", True, "false on CPU: model CPU offload moves weights to a CUDA device per call")
     if options["cpu_offload"] and options["compile"]:
-        _fail("precision.cpu_offload", True, "false when precision.compile=true (offload hooks and compiled modules do not mix)")
+        fail("precision.cpu_offload", True, "false when precision.compile=true (offload hooks and compiled modules do not mix)")
     for flag in ("vae_slicing", "vae_tiling", "cpu_offload"):
-        if options[flag] and family != "text-to-image":
-            _fail(f"precision.{flag}", True, "false for this model: it applies to text-to-image models (with a VAE)")
+        if options[flag] and not family.has_vae:
+            fail(f"precision.{flag}", True, "false for this model: it applies to text-to-image models (with a VAE)")
     return options
 
 
@@ -60,11 +69,11 @@ def apply_options(components, options: dict, device: str):
     import torch
 
     c = components
-    for module in (c.unet, c.vae):
+    for module in (c.denoiser, c.vae):
         if module is not None:
             set_attention(module, options["attention"])
     if options["channels_last"]:
-        c.unet.to(memory_format=torch.channels_last)
+        c.denoiser.to(memory_format=torch.channels_last)
         if c.vae is not None:
             c.vae.to(memory_format=torch.channels_last)
     if options["vae_slicing"]:
@@ -74,7 +83,7 @@ def apply_options(components, options: dict, device: str):
     if options["cpu_offload"]:
         offload(c, device)
     if options["compile"]:
-        c.unet = torch.compile(c.unet, mode=None if options["compile_mode"] == "default" else options["compile_mode"])
+        c.denoiser = torch.compile(c.denoiser, mode=None if options["compile_mode"] == "default" else options["compile_mode"])
     return c
 
 
@@ -92,10 +101,9 @@ def offload(components, device: str):
     and back to CPU when the next one runs (text encoder → UNet → VAE), through accelerate's hooks."""
     from accelerate import cpu_offload_with_hook
 
-    c, hook = components, None
-    for name in ("text_encoder", "unet", "vae"):
-        module = getattr(c, name).to("cpu")
-        _, hook = cpu_offload_with_hook(module, device, prev_module_hook=hook)
+    hook = None
+    for module in components.modules().values():
+        _, hook = cpu_offload_with_hook(module.to("cpu"), device, prev_module_hook=hook)
     import torch
 
     if torch.cuda.is_available():
@@ -107,32 +115,18 @@ def needs_warm_up(spec, options: dict) -> bool:
     return spec.device.startswith("cuda") or options["compile"]
 
 
-def warm_up(components, spec, batch_size: int, timer):
-    """One UNet forward with the job's shapes, outside the denoising loop, once per shape per loaded model.
+def warm_up(components, spec, batch_size: int, timer) -> bool:
+    """One denoiser forward with the job's shapes, outside the denoising loop, once per shape per loaded model.
 
-    Timed as `compile` when the UNet is compiled (the first call compiles), else as `warmup`. A UNet forward
-    draws no random numbers, so the images are the same with or without it.
+    Timed as `compile` when the denoiser is compiled (the first call compiles), else as `warmup`. A forward
+    draws no random numbers from the images' generators, so the images are the same with or without it.
     """
     import torch
 
-    c = components
-    cfg = spec.guidance > 1 and c.family == "text-to-image" and c.unet.config.get("time_cond_proj_dim") is None
-    rows = batch_size * (2 if cfg else 1)
-    shape_key = (rows, spec.height, spec.width)
-    if shape_key in c.warmed:
+    shape_key = (batch_size, spec.guidance > 1, spec.height, spec.width)  # guidance > 1 doubles the rows (CFG)
+    if shape_key in components.warmed:
         return False
-    dtype = torch.float16 if spec.dtype == "fp16" else torch.bfloat16 if spec.dtype == "bf16" else torch.float32
-    device = spec.device
-    with timer("compile" if spec.precision_options.get("compile") else "warmup"), torch.no_grad():
-        if c.family == "unconditional":
-            x = torch.randn(rows, c.unet.config.in_channels, spec.height, spec.width, device=device, dtype=dtype)
-            c.unet(x, torch.tensor(1, device=device)).sample
-        else:
-            scale = 2 ** (len(c.vae.config.block_out_channels) - 1)
-            x = torch.randn(rows, c.unet.config.in_channels, spec.height // scale, spec.width // scale,
-                            device=device, dtype=dtype)
-            embeds = torch.randn(rows, c.tokenizer.model_max_length, c.text_encoder.config.hidden_size,
-                                 device=device, dtype=dtype)
-            c.unet(x, torch.tensor(1, device=device), encoder_hidden_states=embeds, return_dict=False)
-    c.warmed.add(shape_key)
+    with timer("compile" if spec.precision_options["compile"] else "warmup"), torch.no_grad():
+        components.family.warm_up(components, spec, batch_size)
+    components.warmed.add(shape_key)
     return True

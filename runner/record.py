@@ -11,10 +11,7 @@ import os
 import tempfile
 from pathlib import Path
 
-ROWS_FILE = "rows.parquet"
-SCHEDULE_FILE = "schedule.csv"
-IMAGES_DIR = "images"
-LATENTS_DIR = "latents"
+from runner.jobdir import IMAGES_DIR, LATENTS_DIR
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

@@ -11,13 +11,9 @@ import html
 import sys
 from pathlib import Path
 
-from runner.record import SCHEDULE_FILE, atomic_write_bytes
-
-TABLE_COLUMNS = ("sweep", "job", "model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt",
-                 "height", "width", "precision", "strength", "status", "prompt_adherence", "class_confidence",
-                 "predicted_digit", "clip_score", "psnr_to_ref", "ssim_to_ref",
-                 "latent_mse_to_ref", "ref_scheduler", "ref_steps", "time_per_image_s", "time_per_step_s",
-                 "time_total_s", "device", "gpu", "image", "error")
+from runner.columns import QUALITY_COLUMNS, REPORT_COLUMNS
+from runner.jobdir import SCHEDULE_FILE
+from runner.record import atomic_write_bytes
 
 
 def peak_memory_columns(df) -> list[str]:
@@ -102,7 +98,6 @@ def bar_chart(df, metric: str, title: str, ylabel: str, path: Path, bars: str = 
 def image_metric_charts(df, out: Path) -> list[tuple[Path | None, str]]:
     """The model's per-image metric (runner.metrics) by scheduler, one bar per guidance value where guidance was
     swept (it moves prompt adherence most), else per steps value."""
-    from runner.metrics import QUALITY_COLUMNS
 
     bars = "guidance" if "guidance" in df and df["guidance"].nunique() > 1 else "steps"
     return [(bar_chart(df, c, c.replace("_", " ").capitalize(), c, out / f"{c}.png", bars),
@@ -128,10 +123,10 @@ def convergence_plot(df, out: Path) -> Path | None:
 
 
 def table_frame(df):
-    """The table's columns, in TABLE_COLUMNS order, with peak memory where recorded."""
+    """The table's columns, in REPORT_COLUMNS order, with peak memory where recorded."""
     shown = df.assign(job=[Path(p).name for p in df["job_dir"]],
                       image=[Path(p).name if isinstance(p, str) and p else "" for p in df["image_path"]])
-    columns = [c for c in TABLE_COLUMNS if c in shown.columns] + peak_memory_columns(df)
+    columns = [c for c in REPORT_COLUMNS if c in shown.columns] + peak_memory_columns(df)
     return shown[columns]
 
 

@@ -13,7 +13,6 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-ENVIRONMENT_KEYS = ("torch_version", "diffusers_version", "transformers_version", "device", "gpu")
 
 
 def sha256(path: Path) -> str:
@@ -32,15 +31,13 @@ def saved_config(job_dir: Path):
 
 def rerun(job_dir: Path, new_dir: Path) -> list[dict]:
     """Run the saved job again into `new_dir`; returns the new rows."""
-    from runner.job import config_hash, resolved_config, run_spec
+    from runner.context import standalone
+    from runner.draw import draw
     from runner.spec import make_spec
 
     cfg = saved_config(job_dir)
     spec = make_spec(cfg)
-    context = {"job_dir": str(new_dir.resolve()), "sweep_dir": "", "job_num": 0,
-               "overrides": f"reproduce {job_dir}", "config_hash": config_hash(cfg),
-               "config": resolved_config(cfg)}
-    return run_spec(spec, new_dir, context)
+    return draw(spec, new_dir, standalone(cfg, new_dir, overrides=f"reproduce {job_dir}"))
 
 
 def pixel_difference(a_path: Path, b_path: Path) -> tuple[int, float]:
@@ -82,7 +79,9 @@ def verdict(saved: dict, new: dict, job_dir: Path, new_dir: Path) -> tuple[bool,
 
 def environment_warnings(saved_rows, new_rows) -> list[str]:
     warnings = []
-    for key in ENVIRONMENT_KEYS:
+    from runner.columns import PIXEL_ENVIRONMENT_COLUMNS
+
+    for key in PIXEL_ENVIRONMENT_COLUMNS:
         old = {str(r.get(key)) for r in saved_rows if r.get(key) is not None} - {"nan"}
         new = {str(r.get(key)) for r in new_rows if r.get(key) is not None} - {"nan"}
         if old and new and old != new:
@@ -94,7 +93,7 @@ def reproduce_job(job_dir: Path, new_dir: Path) -> bool:
     """Re-run one job and print a verdict per image; True when every image is identical."""
     import pandas as pd
 
-    from runner.record import ROWS_FILE
+    from runner.jobdir import ROWS_FILE
 
     saved_rows = pd.read_parquet(job_dir / ROWS_FILE).to_dict("records")
     print(f"{job_dir} → {new_dir}")

@@ -6,7 +6,7 @@
 
 from pathlib import Path
 
-from runner.record import ROWS_FILE
+from runner.jobdir import ROWS_FILE
 
 
 def job_dirs(path) -> list[Path]:

@@ -13,8 +13,8 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import runner  # noqa: E402  (registers the config resolvers)
 
-REPO = Path(runner.__file__).resolve().parent.parent
-CONF_DIR = REPO / "conf"
+REPO = Path(__file__).resolve().parent.parent
+CONF_DIR = runner.CONF_DIR
 CORES = len(os.sched_getaffinity(0))  # the cores this process may run on (a W&B logger process needs a spare one)
 
 
@@ -46,14 +46,12 @@ def run_cli(*args, cwd, timeout=300, env=None):
 
 def run_job_in(tmp_path, *overrides):
     """Compose, check and run one job into tmp_path (no CLI); returns its rows."""
-    from runner.job import config_hash, run_spec
+    from runner.context import standalone
+    from runner.draw import draw
     from runner.spec import make_spec
 
     cfg = compose_config(*overrides, "sampling.progress=false")
-    context = {"job_dir": str(tmp_path), "sweep_dir": "", "job_num": 0, "overrides": " ".join(overrides),
-               "name": " ".join(overrides), "config_hash": config_hash(cfg)}
-    spec = make_spec(cfg)
-    return run_spec(spec, Path(tmp_path), context)
+    return draw(make_spec(cfg), Path(tmp_path), standalone(cfg, tmp_path, " ".join(overrides)))
 
 
 def read_png(path) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""`python -m runner.bench` in a tiny configuration: the JSON it writes and prints (never wall-clock limits)."""
+"""`python -m runner.tools.bench` in a tiny configuration: the JSON it writes and prints (never wall-clock limits)."""
 
 import json
 
@@ -14,7 +14,7 @@ def test_bench_writes_and_prints_the_ratios(tmp_path):
 
     out = tmp_path / "bench"
     result = subprocess.run(
-        [sys.executable, "-m", "runner.bench", "--steps", "2", "--repeats", "2", "--batch", "3", "--schedulers",
+        [sys.executable, "-m", "runner.tools.bench", "--steps", "2", "--repeats", "2", "--batch", "3", "--schedulers",
          "ddim,euler", "--guidances", "7.5", "--seeds", "2", "--threads", "1", "--out", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stderr[-2000:]
@@ -55,7 +55,7 @@ def test_bench_writes_and_prints_the_ratios(tmp_path):
 def test_flop_utilisation_formula():
     from types import SimpleNamespace
 
-    from runner.bench import flops
+    from runner.tools.bench import flops
 
     spec = SimpleNamespace(guidance=7.5, steps=30, height=512, width=512, device="cpu")
     out = flops(spec, images=8, seconds=2.0, prefix="x_", sd15=True)

@@ -4,7 +4,8 @@ import pytest
 
 from conftest import CONF_DIR, compose_config
 from runner.schedulers import build_scheduler
-from runner.spec import ConfigError, make_spec
+from runner.checks import ConfigError
+from runner.spec import make_spec
 
 
 def options(group):

@@ -12,7 +12,7 @@ import pytest
 from conftest import run_cli
 from slurm_cluster import SlurmCluster, missing_reason
 
-from runner.launch import job_run_id
+from runner.loggers.wandb import run_id
 
 SWEEP = ["scheduler=ddpm,unipc,lms", "guidance=3,7.5"]
 SMALL = ["steps=4", "sampling.progress=false", "device=cpu"]
@@ -60,10 +60,10 @@ def test_submitit_local_sweep_completes_with_all_rows(tmp_path):
 
 def test_job_run_id_is_fixed_by_job_dir_and_config():
     job = {"job_dir": "/results/sweeps/s/0", "config_hash": "abc"}
-    assert job_run_id(job) == job_run_id(dict(job))  # a requeued job: same id, its W&B run resumes
-    assert job_run_id(job) != job_run_id(dict(job, job_dir="/results/sweeps/s/1"))
-    assert job_run_id(job) != job_run_id(dict(job, config_hash="abd"))
-    assert re.fullmatch(r"[0-9a-f]{32}", job_run_id(job))
+    assert run_id(**job) == run_id(**dict(job))  # a requeued job: same id, its W&B run resumes
+    assert run_id(**job) != run_id(**dict(job, job_dir="/results/sweeps/s/1"))
+    assert run_id(**job) != run_id(**dict(job, config_hash="abd"))
+    assert re.fullmatch(r"[0-9a-f]{32}", run_id(**job))
 
 
 @pytest.fixture(scope="session")

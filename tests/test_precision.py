@@ -9,7 +9,8 @@ import torch
 
 from runner import components as components_module
 from runner.components import load_components
-from runner.spec import ConfigError, make_spec
+from runner.checks import ConfigError
+from runner.spec import make_spec
 from tests.conftest import compose_config, read_png, run_cli, run_job_in
 
 
@@ -36,7 +37,7 @@ def test_channels_last_sets_the_memory_format_and_keeps_the_image(tmp_path):
     assert fast["precision_channels_last"] is True
     c, cached = load_components(spec_of("precision.channels_last=true"))
     assert cached  # the job above loaded it with the same options
-    for module in (c.unet, c.vae):
+    for module in (c.denoiser, c.vae):
         weights = [p for p in module.parameters() if p.dim() == 4]
         assert weights and all(p.is_contiguous(memory_format=torch.channels_last) for p in weights)
     assert np.abs(image(plain) - image(fast)).max() <= 1
@@ -64,7 +65,7 @@ def test_eager_attention_replaces_every_processor_and_keeps_the_image(tmp_path):
     sdpa = run_job_in(tmp_path / "sdpa", "steps=3")[0]
     eager = run_job_in(tmp_path / "eager", "steps=3", "precision.attention=eager")[0]
     c, _ = load_components(spec_of("precision.attention=eager"))
-    layers = [m for module in (c.unet, c.vae) for m in module.modules() if isinstance(m, Attention)]
+    layers = [m for module in (c.denoiser, c.vae) for m in module.modules() if isinstance(m, Attention)]
     assert layers and all(isinstance(m.processor, AttnProcessor) for m in layers)
     assert np.abs(image(sdpa) - image(eager)).max() <= 1
 
@@ -75,7 +76,7 @@ def test_compile_composes_and_wraps_the_unet():
     spec = spec_of("precision.compile=true", "precision.compile_mode=reduce-overhead")
     assert spec.precision_options["compile"] and spec.precision_options["compile_mode"] == "reduce-overhead"
     c, _ = load_components(spec)
-    assert isinstance(c.unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert isinstance(c.denoiser, torch._dynamo.eval_frame.OptimizedModule)
     from runner.precision import needs_warm_up
 
     assert needs_warm_up(spec, spec.precision_options)  # the compile call never lands in the step times

@@ -15,7 +15,8 @@ from PIL import Image
 
 from conftest import REPO, compose_config, run_cli, run_job_in
 from runner import embedded_model_path
-from runner.spec import ConfigError, make_spec
+from runner.checks import ConfigError
+from runner.spec import make_spec
 
 
 @pytest.fixture

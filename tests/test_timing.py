@@ -87,7 +87,7 @@ def test_readme_documents_every_column(two_jobs):
 
 def test_text_embeddings_computed_once_per_prompt():
     from runner.components import load_components
-    from runner.job import TextEmbeddings
+    from runner.families.stable_diffusion import TextEmbeddings
     from runner.spec import make_spec
     from tests.conftest import compose_config
 

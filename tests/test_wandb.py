@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from conftest import CORES, run_cli
-from runner.wandb_logger import flatten, resolve_mode, scrub
+from runner.loggers.wandb import flatten, resolve_mode, scrub
 from wandb_records import read_run
 
 SENTINELS = {"WANDB_API_KEY": "sentinel0wandb0key0123456789abcdef0123456789", "HF_TOKEN": "hf_sentinel0token0abcdef",
@@ -170,7 +170,7 @@ def test_sweep_logs_in_line_where_torch_takes_every_core(tmp_path):
 
 
 def test_a_dead_logger_process_is_a_warning_not_a_hang(caplog):
-    from runner.wandb_logger import LoggerProcess
+    from runner.loggers.wandb import LoggerProcess
 
     logger = LoggerProcess()
     logger.process.kill()

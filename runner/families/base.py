@@ -42,6 +42,7 @@ class Family:
     pipeline: str = ""        # the diffusers pipeline class it reproduces: its parity oracle
     summary: str = ""         # one line for "not a supported family" messages
     conditional: bool = True  # draws from prompts (False: prompts are ignored)
+    has_vae: bool = True      # latent diffusion: the VAE options (slicing, tiling) and CPU offload apply
     flow: bool = False        # flow matching (sigma in [0, 1]) rather than a VP (DDPM-style) schedule
     options_key: str | None = None  # a top-level config node of family options (e.g. "sdxl"), if it has one
 

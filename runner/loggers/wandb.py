@@ -1,13 +1,15 @@
 """Weights & Biases: one run per Hydra job, grouped by sweep, plus one sweep-summary run. The only module that
-imports wandb (lazily). Logging never fails a job: a W&B error is one warning line and the sweep goes on.
+imports wandb (lazily), reads `cfg.wandb`, builds run ids and decides where runs are written. Logging never fails
+a job: a W&B error is one warning line and the sweep goes on.
 
 Dashboards group and filter on the flattened config (`scheduler.name`, `guidance`, ...); the sigma schedule is
 logged against its own step metric (`schedule/step`) so that one line panel overlays every run of a group.
 
 In a sweep whose jobs share a process (Hydra's basic launcher), a child process writes the W&B runs while the
-next job draws (`call(..., in_background=True)`); the sweep's end waits for it (`finish_background`).
+next job draws, where sampling leaves a CPU core free for it; the sweep's end waits for it (`finish_background`).
 """
 
+import hashlib
 import logging
 import netrc
 import os
@@ -15,28 +17,87 @@ import queue
 import re
 import sys
 from pathlib import Path
+from time import perf_counter
+
+from runner.columns import ENVIRONMENT_COLUMNS, JOB_SUMMARY_PREFIXES, SCORE_COLUMNS, SUMMARY_COLUMNS
 
 log = logging.getLogger("runner")
 
 # Config keys and environment names that may hold credentials: never logged.
 SECRET_PATTERN = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
-SUMMARY_PREFIXES = ("time_", "mem_", "images_per_s", "model_cached", "compile_")  # the same on every row of a job
+# As env.* run config keys (not the hostname: a run's page may be shared beyond the machine's users).
+ENV_CONFIG_COLUMNS = (*(c for c in ENVIRONMENT_COLUMNS if c != "hostname"), "model_revision", "device", "dtype")
+BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # jobs run one by one in this process
 
 
-ENV_COLUMNS = ("torch_version", "diffusers_version", "transformers_version", "python_version", "cuda_version", "gpu",
-               "gpu_driver", "model_revision", "device", "dtype")
+def options_of(cfg) -> dict:
+    """The `wandb` node of a composed config as plain values (disabled where a config has none)."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg.wandb, resolve=True) if "wandb" in cfg else {"mode": "disabled"}
+
+
+def job_listener(cfg, context, device: str, in_background: bool | None = None):
+    """The job's W&B run as a listener on its rows (runner.draw.draw), or None when W&B is disabled.
+
+    `in_background` None: decided here. Jobs that share this process (an in-process sweep) hand their run to the
+    logger process where sampling leaves a core free for it; elsewhere runs are written in line.
+    """
+    from omegaconf import OmegaConf
+
+    options = options_of(cfg)
+    if resolve_mode(options["mode"]) == "disabled":
+        return None
+    if in_background is None:
+        in_background = in_process_sweep() and core_free_for_logging(device)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    run_context = dict(context.columns(), wandb_run_id=run_id(context.job_dir, context.config_hash))
+
+    def listener(rows: list[dict], schedule: list[dict]) -> float:
+        start = perf_counter()
+        call("log_job", options, config, rows, schedule, run_context, in_background=in_background)
+        return perf_counter() - start
+
+    return listener
+
+
+def in_process_sweep() -> bool:
+    """Whether this job is one of a multirun whose jobs run one after another in this process."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized():
+        return False
+    hydra_cfg = HydraConfig.get()
+    return hydra_cfg.mode == RunMode.MULTIRUN and hydra_cfg.launcher.get("_target_") == BASIC_LAUNCHER
+
+
+def core_free_for_logging(device: str) -> bool:
+    """Whether sampling leaves a CPU core idle for the logger process: on a GPU, or when torch's CPU threads are
+    fewer than this process's cores. Where torch's threads take every core, a logger process beside them stalls
+    them, and writing in line is no slower (README, Performance)."""
+    import torch
+
+    return device.startswith("cuda") or torch.get_num_threads() < len(os.sched_getaffinity(0))
+
+
+def run_id(job_dir: str, config_hash: str) -> str:
+    """A W&B run id fixed by the job's identity (its job dir and config hash): used with resume="allow".
+
+    A job that SLURM requeues after preemption or timeout, or a sweep re-run into the same sweep dir, runs in the
+    same job dir with the same config, so it gets the same id and its W&B run resumes instead of starting a twin.
+    """
+    return hashlib.sha256(f"{job_dir}\n{config_hash}".encode()).hexdigest()[:32]
 
 
 def environment_config(rows: list[dict]) -> dict:
     """What the job ran on, as env.* config keys: dashboards can filter and group on versions and GPUs."""
     first = rows[0] if rows else {}
-    return {f"env.{k}": first[k] for k in ENV_COLUMNS if k in first}
+    return {f"env.{k}": first[k] for k in ENV_CONFIG_COLUMNS if k in first}
 
 
 def mean_image_metrics(rows: list[dict]) -> dict:
     """The job's mean of each per-image score that was computed (None: not computed for this model)."""
-    from runner.metrics import SCORE_COLUMNS
-
     means = {}
     for name in SCORE_COLUMNS:
         values = [r[name] for r in rows if r.get(name) is not None]
@@ -85,7 +146,7 @@ def scrub(text: str) -> str:
 def _settings(wandb, timeout_s: float):
     # No system metrics sampler, git/code capture or console mirroring: light, and nothing private leaves the job.
     # No pip freeze either: reading every installed package's metadata was 90% of an init (0.1 s a job on CPU);
-    # the versions that matter go into the run's config as env.* (ENV_COLUMNS).
+    # the versions that matter go into the run's config as env.* (ENV_CONFIG_COLUMNS).
     return wandb.Settings(init_timeout=timeout_s, x_disable_meta=True, x_disable_stats=True, disable_git=True,
                           disable_code=True, save_code=False, console="off", silent=True, x_save_requirements=False)
 
@@ -116,8 +177,6 @@ def init_run(options: dict, **kwargs):
 
 def log_job(options: dict, config: dict, rows: list[dict], schedule: list[dict], context: dict) -> float:
     """One W&B run for one job: config, images, the sigma schedule, timings and the rows. Returns seconds spent."""
-    from time import perf_counter
-
     start = perf_counter()
     try:
         import wandb
@@ -144,29 +203,17 @@ def log_job(options: dict, config: dict, rows: list[dict], schedule: list[dict],
             payload["images"] = images
         run.log(payload)
         run.summary.update({k: v for k, v in first.items()  # NaN: not measured here (CUDA memory on CPU)
-                            if k.startswith(SUMMARY_PREFIXES) and v == v})
+                            if k.startswith(JOB_SUMMARY_PREFIXES) and v == v})
         failed = [r for r in rows if r["status"] != "ok"]
         run.summary.update({"status": "failed" if failed else "ok", "images": len(ok)})
         if failed:
             run.summary["error"] = failed[0]["error"]
         run.summary.update(mean_image_metrics(ok))
+        run.summary["time_log_s"] = (perf_counter() - start) / max(len(rows), 1)  # this run's own cost, per image
         run.finish()
     except Exception as err:
         log.warning(f"W&B: could not log this job ({type(err).__name__}: {err}); its rows and images are on disk")
     return perf_counter() - start
-
-
-def log_job_dir(options: dict, config: dict, rows: list[dict], context: dict) -> None:
-    """W&B for one finished job, its schedule read back from the job dir; then the job's rows are written again
-    with `time_log_s`, the W&B time per image."""
-    import pandas as pd
-
-    from runner.record import ROWS_FILE, SCHEDULE_FILE, write_table
-
-    job_dir = Path(context["job_dir"])
-    schedule = pd.read_csv(job_dir / SCHEDULE_FILE).to_dict("records") if (job_dir / SCHEDULE_FILE).is_file() else []
-    seconds = log_job(options, config, rows, schedule, context)
-    write_table(job_dir / ROWS_FILE, [dict(row, time_log_s=seconds / max(len(rows), 1)) for row in rows])
 
 
 def log_sweep(options: dict, sweep_dir: Path, df, grid_path: Path | None) -> None:
@@ -204,12 +251,8 @@ def caption(row: dict) -> str:
             f"prompt={row['prompt']!r}")
 
 
-TABLE_COLUMNS = ("model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt", "height", "width",
-                 "precision", "device", "status", "error", "time_total_s", "image_sha256", "image_path")
-
-
 def rows_table(wandb, rows: list[dict], with_images: bool = False):
-    columns = [c for c in TABLE_COLUMNS if rows and c in rows[0]]
+    columns = [c for c in SUMMARY_COLUMNS if rows and c in rows[0]]
     data = []
     for row in rows:
         values = [row.get(c) for c in columns]
@@ -222,18 +265,17 @@ def rows_table(wandb, rows: list[dict], with_images: bool = False):
 
 # --------------------------------------------------------------------------- in a process of its own
 
-CALLS = {"log_job_dir": log_job_dir, "log_sweep": log_sweep}
+CALLS = {"log_job": log_job, "log_sweep": log_sweep}
 _background = None  # this process's LoggerProcess, started by the first call(..., in_background=True)
 
 
 class LoggerProcess:
     """A child process that makes the W&B calls it is sent, one after another.
 
-    A job's W&B run is 20-40 ms of Python on CPU (init, about 20 records, finish). In line, the next job waits for
-    it; in a thread it competes with the sampling loop for the GIL (tried on an H100: the loop slowed from 1.01 s
-    to 1.29 s an image). In a process of its own it runs on a core that sampling leaves idle: on a GPU machine
-    always, on CPU when torch has fewer threads than there are cores. Where torch's threads take every core it
-    is no better than in line, so it is not used there (runner.job.core_free_for_logging).
+    A job's W&B run is tens of milliseconds of Python (init, about 20 records, finish). In line, the next job waits
+    for it; in a thread it competes with the sampling loop for the GIL. In a process of its own it runs on a core
+    that sampling leaves idle: on a GPU machine always, on CPU when torch has fewer threads than there are cores. Where torch's threads take every core it
+    is no better than in line, so it is not used there (core_free_for_logging).
     """
 
     def __init__(self):
@@ -297,7 +339,7 @@ def serve(calls, done) -> None:
 
 
 def call(name: str, *args, in_background: bool) -> None:
-    """Make a W&B call (log_job_dir or log_sweep), in line or in this process's logger process (started on first
+    """Make a W&B call (log_job or log_sweep), in line or in this process's logger process (started on first
     use; in line if it cannot start)."""
     global _background
     if not in_background:
@@ -318,8 +360,16 @@ def background_running() -> bool:
     return _background is not None
 
 
+def sweep_finished(config, sweep_dir: Path, df, grid_path: Path | None) -> None:
+    """The sweep-summary run, unless W&B is disabled; where a logger process wrote the jobs' runs, it writes this
+    one too (W&B's service is already up there)."""
+    options = options_of(config)
+    if resolve_mode(options["mode"]) != "disabled":
+        call("log_sweep", options, sweep_dir, df, grid_path, in_background=background_running())
+
+
 def wait_background() -> None:
-    """Until the logger process has made every call sent to it: the sweep's job rows then hold `time_log_s`."""
+    """Until the logger process has made every call sent to it."""
     if _background is not None:
         _background.wait()
 

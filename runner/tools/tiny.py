@@ -4,7 +4,7 @@ They exist so that the runner, its tests and a newcomer's first command work off
 The weights are random: images are noise-like, but every code path is the one a hub model takes.
 The shipped files under runner/models/ were written by
 
-    python -m runner.tiny
+    python -m runner.tools.tiny
 
 which is seeded, so it rewrites them byte for byte on the same torch build. Component sizes follow
 diffusers' own `get_dummy_components` in tests/pipelines/stable_diffusion, with one layer per UNet block (smaller files) and a VAE of four blocks
@@ -19,7 +19,7 @@ from runner import EMBEDDED_MODELS_DIR
 SPECIAL_TOKENS = ["<|startoftext|>", "<|endoftext|>"]
 
 
-def _bytes_to_unicode() -> list[str]:
+def bytes_to_unicode() -> list[str]:
     """CLIP's printable stand-in for each byte (as in openai/CLIP simple_tokenizer)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
     codes, n = printable[:], 0
@@ -33,7 +33,7 @@ def _bytes_to_unicode() -> list[str]:
 
 def write_char_tokenizer(out_dir: Path, model_max_length: int = 77) -> None:
     """A character-level CLIP BPE vocabulary (no merges): every byte and every word-final byte is a token."""
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     tokens = chars + [c + "</w>" for c in chars] + SPECIAL_TOKENS
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False))

@@ -1,7 +1,7 @@
 """Train the embedded digit models on scikit-learn's bundled handwritten digits (runner/models/digits-*).
 
-    python -m runner.train_digits --out runner/models                  # classifier, digits-ddpm, digits-sd
-    python -m runner.train_digits --out /tmp/models --only sd --sd-steps 500
+    python -m runner.tools.train_digits --out runner/models                  # classifier, digits-ddpm, digits-sd
+    python -m runner.tools.train_digits --out /tmp/models --only sd --sd-steps 500
 
 - digits-classifier: a small CNN on 8x8 grey images in [0, 1]; the metric of runner/digits.py.
 - digits-ddpm: pixel-space DDPM (UNet2DModel + DDPMScheduler), 32x32 RGB (grey replicated), the micro
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from runner import EMBEDDED_MODELS_DIR
 from runner.digits import (DIGIT_WORDS, build_classifier, digit_prompt, load_digit_split, render_digits,
                            score_digits, upscale)
 
@@ -221,9 +222,9 @@ def write_word_tokenizer(out_dir: Path, words, model_max_length: int = 16):
     word one token: "seven" -> "seven</w>"."""
     from transformers import CLIPTokenizer
 
-    from runner.tiny import SPECIAL_TOKENS, _bytes_to_unicode
+    from runner.tools.tiny import SPECIAL_TOKENS, bytes_to_unicode
 
-    chars = _bytes_to_unicode()
+    chars = bytes_to_unicode()
     vocab, merges = chars + [c + "</w>" for c in chars], []
     for word in words:
         parts = list(word[:-1]) + [word[-1] + "</w>"]
@@ -379,7 +380,7 @@ def evaluate_sd(model_dir: Path, classifier: str | None = None, seeds=(0, 1, 2),
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "models")
+    parser.add_argument("--out", type=Path, default=EMBEDDED_MODELS_DIR)
     parser.add_argument("--only", nargs="+", choices=["classifier", "ddpm", "sd"], default=["classifier", "ddpm", "sd"],
                         help="which models to train (the diffusion models' printed scores use the classifier in --out)")
     parser.add_argument("--classifier-steps", type=int, default=3000)

@@ -1,6 +1,6 @@
-"""`python -m runner.bench`: the runner against the loop a user would write with plain diffusers, in one process.
+"""`python -m runner.tools.bench`: the runner against the loop a user would write with plain diffusers, in one process.
 
-    (a) runner: a Hydra-composed spec through run_spec (PNGs, rows.parquet, schedule.csv written, as in a sweep)
+    (a) runner: a Hydra-composed spec through runner.draw (PNGs, rows.parquet, schedule.csv written, as in a sweep)
     (b) bare:   a StableDiffusionPipeline loaded once, called per image, scheduler swapped by from_config,
                 each image saved as a PNG
 
@@ -12,7 +12,7 @@ Cases, the ways interleaved (a, b, a, b ...) so that machine noise hits them ali
     sweep      12 points (schedulers × guidance × seeds), model load included       → sweep_over_bare
 
 Writes results/bench/<timestamp>.json; the last printed line is one JSON object with the headline ratios.
-`--unet sd15` builds an SD 1.5-shaped pipeline with random weights from the configs in runner/bench_configs/
+`--unet sd15` builds an SD 1.5-shaped pipeline with random weights from the configs in runner/tools/bench_configs/
 (no download) for GPU runs at 512×512, 30 steps, fp16, CFG, and reports images/s and model FLOP utilisation.
 """
 
@@ -32,7 +32,7 @@ PEAK_TFLOPS = {"H100 PCIe": 756.0, "H100": 989.0, "H200": 989.0, "A100": 312.0, 
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m runner.bench", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m runner.tools.bench", description=__doc__.split("\n")[0])
     p.add_argument("--unet", choices=("tiny", "sd15"), default="tiny", help="tiny: the embedded tiny-sd; sd15: SD1.5-shaped, random")
     p.add_argument("--device", default="auto")
     p.add_argument("--precision", default="auto", help="auto | fp32 | fp16 | bf16 (a conf/precision option)")
@@ -72,7 +72,9 @@ def runner_spec(model_dir: str, args, **overrides):
     if args.fast:
         items.update({"precision.compile": True, "precision.channels_last": True})
         items["precision.tf32"] = not str(args.device).startswith("cpu")
-    with initialize_config_dir(str(Path(__file__).parent.parent / "conf"), version_base="1.3"):
+    from runner import CONF_DIR
+
+    with initialize_config_dir(str(CONF_DIR), version_base="1.3"):
         cfg = compose("config", overrides=[f"{k}={format_value(v)}" for k, v in items.items()])
     return make_spec(cfg)
 
@@ -87,17 +89,20 @@ def run_runner(spec, out_dir: Path, wandb_mode: str = "disabled",
                in_background: bool = False) -> tuple[float, list[dict]]:
     """One runner job, as a sweep's job. With W&B on, its run is written in line or, `in_background`, by the W&B
     logger process (the caller waits for it: runner_jobs)."""
-    from runner.job import run_spec
+    import os
 
-    context = {"job_dir": str(out_dir), "sweep_dir": str(out_dir.parent), "job_num": 0, "overrides": "bench",
-               "name": out_dir.name, "config_hash": "bench"}
+    from omegaconf import OmegaConf
+
+    from runner.context import JobContext
+    from runner.draw import draw
+    from runner.loggers import wandb
+
+    context = JobContext(job_dir=str(out_dir), sweep_dir=str(out_dir.parent), job_num=0, overrides="bench",
+                         name=out_dir.name, config_hash="bench", worker_pid=os.getpid(),
+                         cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""), config="{}")
+    cfg = OmegaConf.create({"wandb": {"mode": wandb_mode, "project": "runner-bench", "init_timeout_s": 30}})
     start = clock(spec.device)
-    rows = run_spec(spec, out_dir, context)
-    if wandb_mode != "disabled":
-        from runner import wandb_logger
-
-        wandb_logger.call("log_job_dir", {"mode": wandb_mode, "project": "runner-bench"}, {}, rows, context,
-                          in_background=in_background)
+    rows = draw(spec, out_dir, context, listener=wandb.job_listener(cfg, context, spec.device, in_background))
     elapsed = clock(spec.device) - start
     failed = [r for r in rows if r["status"] != "ok"]
     if failed:
@@ -109,11 +114,8 @@ def runner_jobs(lead, specs, out_dir: Path, wandb_mode: str, in_background: bool
     """One-image jobs back to back, as an in-process sweep runs them, after an untimed lead job: with a logger
     process, job k's W&B run is written while job k+1 draws, so the lead makes every timed job draw beside one
     run, as in a sweep's steady state. Returns the timed jobs' seconds, the seconds then spent waiting for the
-    last W&B run (a sweep pays that once, at its end), and their rows (read back with `time_log_s`)."""
-    import pandas as pd
-
-    from runner.record import ROWS_FILE
-    from runner.wandb_logger import wait_background
+    last W&B run (a sweep pays that once, at its end), and their rows."""
+    from runner.loggers.wandb import wait_background
 
     run_runner(lead, out_dir / "lead", wandb_mode, in_background)
     job_dirs = [out_dir / f"seed{spec.seeds[0]}" for spec in specs]
@@ -123,8 +125,6 @@ def runner_jobs(lead, specs, out_dir: Path, wandb_mode: str, in_background: bool
     drawn = clock(lead.device)
     wait_background()
     waited = clock(lead.device) - drawn
-    if wandb_mode != "disabled":
-        rows = [row for job_dir in job_dirs for row in pd.read_parquet(job_dir / ROWS_FILE).to_dict("records")]
     return drawn - start, waited, rows
 
 
@@ -133,7 +133,7 @@ def load_bare(model_dir: str, spec, fast: bool = False):
     import diffusers
     import torch
 
-    from runner.components import torch_dtype
+    from runner.precision import torch_dtype
 
     diffusers.utils.logging.set_verbosity_error()
     pipe = diffusers.StableDiffusionPipeline.from_pretrained(model_dir, torch_dtype=torch_dtype(spec.dtype),
@@ -190,9 +190,9 @@ def clock(device: str) -> float:
 def clear_model_cache():
     import gc
 
-    from runner import components
+    from runner.components import clear_cache
 
-    components._CACHE.clear()
+    clear_cache()
     gc.collect()
 
 
@@ -208,14 +208,14 @@ def case_per_image(model_dir, args, work: Path) -> dict:
     line (where that differs), the runner without W&B, and the plain pipeline. Each way's block of images starts
     after an untimed lead image (see runner_jobs); the wait for a block's last W&B run is timed apart, as the
     once-per-sweep cost it is."""
-    from runner.job import core_free_for_logging
+    from runner.loggers.wandb import core_free_for_logging
 
     block = min(BLOCK, args.repeats)
     rounds = max(1, args.repeats // block)
     spec = runner_spec(model_dir, args, seed=0)
     lead = runner_spec(model_dir, args, seed=10**6)
     pipe = load_bare(model_dir, spec, fast=args.fast)
-    background = args.wandb != "disabled" and core_free_for_logging(spec)
+    background = args.wandb != "disabled" and core_free_for_logging(spec.device)
     # (W&B mode, in the logger process) per runner way
     runner_ways = {"runner": (args.wandb, background), "runner_logging_in_line": (args.wandb, False),
                    "runner_without_logging": ("disabled", False)}
@@ -281,7 +281,7 @@ def logging_note(mode: str, in_background: bool) -> str:
 
 def empty_wandb_run_s(work: Path, runs: int = 10) -> float:
     """W&B's floor per job: an offline run that logs nothing (wandb.init + finish), median seconds."""
-    from runner.wandb_logger import init_run
+    from runner.loggers.wandb import init_run
 
     work.mkdir(parents=True, exist_ok=True)
     seconds = []
@@ -345,7 +345,7 @@ def case_sweep(model_dir, args, work: Path) -> dict:
     guidances = [float(g) for g in args.guidances.split(",")]
     seeds = list(range(args.seeds))
     points = len(schedulers) * len(guidances) * len(seeds)
-    # Specs are composed before the clocks start, for both ways: the bench times run_spec, not Hydra.
+    # Specs are composed before the clocks start, for both ways: the bench times the drawing, not Hydra.
     runner_specs = [runner_spec(model_dir, args, scheduler=s, guidance=g, seed=seeds) for s in schedulers for g in guidances]
     bare_points = [(runner_spec(model_dir, args, scheduler=s).scheduler_class, runner_spec(model_dir, args, guidance=g, seed=0))
                    for s in schedulers for g in guidances]
@@ -373,8 +373,11 @@ def flops(spec, images: int, seconds: float, prefix: str, sd15: bool) -> dict:
     """Images/s and, for the SD1.5-shaped UNet on a known GPU, model FLOP utilisation."""
     out = {f"{prefix}images_per_s": images / seconds}
     if sd15:
+        from runner.sampling import latent_scale
+
         cfg = 2 if spec.guidance > 1 else 1
-        scale = (spec.height // 8) * (spec.width // 8) / (64 * 64)
+        vae_scale = latent_scale(json.loads((CONFIGS / "sd15_vae.json").read_text()))
+        scale = (spec.height // vae_scale) * (spec.width // vae_scale) / (64 * 64)  # UNET_TFLOP is at 64×64 latents
         tflop = images * (spec.steps * cfg * UNET_TFLOP * scale + VAE_DECODE_TFLOP * scale)
         out[f"{prefix}tflops"] = tflop / seconds
         peak = peak_tflops(spec.device)
@@ -396,13 +399,13 @@ def peak_tflops(device: str) -> float | None:
 
 
 def build_sd15(out_dir: Path, dtype: str) -> str:
-    """An SD 1.5-shaped pipeline with random weights from the real configs (runner/bench_configs/), saved as
+    """An SD 1.5-shaped pipeline with random weights from the real configs (runner/tools/bench_configs/), saved as
     safetensors in diffusers layout. The tokenizer is tiny-sd's character tokenizer (shapes are what matter)."""
     import torch
     from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from runner.components import torch_dtype
+    from runner.precision import torch_dtype
 
     read = lambda name: json.loads((CONFIGS / name).read_text())  # noqa: E731
     torch.manual_seed(0)
@@ -440,7 +443,7 @@ def torch_threads() -> int:
 
 
 def main(argv=None) -> dict:
-    from runner.wandb_logger import finish_background
+    from runner.loggers.wandb import finish_background
 
     args = parse_args(argv)
     args.steps = args.steps or (30 if args.unet == "sd15" else 20)

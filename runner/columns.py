@@ -1,0 +1,46 @@
+"""The results table's columns, declared once: every module that writes or reads rows names them from here.
+
+A row is, in this order: the axes (what the user chose), the job context (where and as what it ran), the
+environment (what reproducing it needs), the precision options, the image (prompt, seed, files, hashes, model
+evaluations), the metrics, the timings, and the status.
+"""
+
+# What users sweep, in the order grids and reports show them.
+AXES = ("model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt", "strength", "precision",
+        "height", "width")
+# Every axis except scheduler and steps: images that share these show the same content, whatever solved it
+# (runner.convergence compares them with a reference).
+CONTENT_AXES = ("model", "prompt", "negative_prompt", "seed", "guidance", "height", "width", "precision", "strength",
+                "init_image")
+# The axes as a checked spec holds them (option names, not class names), first in every row.
+SPEC_COLUMNS = ("model", "scheduler", "precision", "steps", "guidance", "negative_prompt", "height", "width", "device",
+                "dtype", "strength", "init_image", "scheduler_class", "model_name_or_path", "family")
+# runner.context.JobContext: where the row was drawn and as what.
+CONTEXT_COLUMNS = ("job_dir", "sweep_dir", "job_num", "overrides", "name", "config_hash", "worker_pid",
+                   "cuda_visible_devices", "config")
+# Versions and hardware: what reproducing a row needs to know.
+ENVIRONMENT_COLUMNS = ("torch_version", "cuda_version", "gpu", "gpu_driver", "diffusers_version",
+                       "transformers_version", "python_version", "hostname", "cpu_threads")
+# Those that can change pixels: runner.reproduce warns when they differ.
+PIXEL_ENVIRONMENT_COLUMNS = ("torch_version", "diffusers_version", "transformers_version", "device", "gpu",
+                             "cpu_threads")
+# Per image: model evaluations counted by the loop (runner.sampling.Tally).
+COST_COLUMNS = ("nfe", "unet_evals")
+# Written into each PNG's `runner` text chunk (and A1111's `parameters` line).
+PNG_KEYS = ("model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt", "height", "width",
+            "strength", "init_image", "precision", "config_hash")
+# The short table of a W&B run and of the report: enough to read a row at a glance.
+SUMMARY_COLUMNS = ("model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt", "height", "width",
+                   "precision", "device", "status", "error", "nfe", "time_total_s", "image_sha256", "image_path")
+# Timings and memory (runner.timing.JobClock) share these prefixes; they are the same on every row of a job.
+JOB_SUMMARY_PREFIXES = ("time_", "mem_", "images_per_s", "model_cached", "compile_")
+# Per-image metrics (runner.metrics): every row has them all, empty where not computed.
+IMAGE_METRIC_COLUMNS = ("prompt_adherence", "class_confidence", "predicted_digit", "clip_score")
+SCORE_COLUMNS = ("prompt_adherence", "class_confidence", "clip_score")  # scores, not labels: they average per job
+QUALITY_COLUMNS = ("prompt_adherence", "clip_score")  # how well an image follows its prompt: charted in reports
+# Distance to a reference image of the same content (runner.convergence), filled in sweep tables.
+CONVERGENCE_COLUMNS = ("psnr_to_ref", "ssim_to_ref", "latent_mse_to_ref", "ref_scheduler", "ref_steps")
+# The report's table, in this order (`job` and `image` are the names of the job dir and PNG).
+REPORT_COLUMNS = ("sweep", "job", "model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt",
+                  "height", "width", "precision", "strength", "status", *IMAGE_METRIC_COLUMNS, *CONVERGENCE_COLUMNS,
+                  "nfe", "time_per_image_s", "time_per_step_s", "time_total_s", "device", "gpu", "image", "error")

@@ -1,0 +1,170 @@
+"""Stable Diffusion 1.x/2.x: CLIP text encoder + `UNet2DConditionModel` + `AutoencoderKL`, as
+`StableDiffusionPipeline` (Rombach et al. 2022), and img2img as `StableDiffusionImg2ImgPipeline`."""
+
+import logging
+
+from runner.checks import fail
+from runner.families.base import Components, Family
+
+log = logging.getLogger("runner")
+
+
+class StableDiffusion(Family):
+    name = "text-to-image"
+    pipeline = "StableDiffusionPipeline"
+    summary = "CLIPTokenizer + CLIPTextModel + UNet2DConditionModel + AutoencoderKL, like StableDiffusionPipeline"
+    img2img_pipeline = "StableDiffusionImg2ImgPipeline"
+
+    def recognise(self, classes):
+        wanted = {"tokenizer": "CLIPTokenizer", "text_encoder": "CLIPTextModel", "unet": "UNet2DConditionModel",
+                  "vae": "AutoencoderKL"}
+        optional = {"safety_checker", "feature_extractor", "image_encoder", "scheduler"}
+        # CLIPTokenizerFast counts as CLIPTokenizer
+        return all(classes.get(k, "").startswith(v) for k, v in wanted.items()) and set(classes) <= set(wanted) | optional
+
+    def size_rule(self, read_config):
+        from runner.sampling import latent_scale
+
+        size = read_config("unet")["sample_size"]
+        scale = latent_scale(read_config("vae"))
+        return scale, (size if isinstance(size, int) else size[0]) * scale
+
+    def check(self, spec):
+        if spec.init_image is not None and int(spec.steps * spec.strength) < 1:
+            fail("strength", spec.strength,
+                 f"img2img runs int(steps * strength) steps, which must be >= 1 (steps={spec.steps})")
+
+    def load(self, load, scheduler_config):
+        import diffusers
+        import transformers
+
+        return Components(self, load(diffusers.UNet2DConditionModel, "unet"), scheduler_config,
+                          vae=load(diffusers.AutoencoderKL, "vae"),
+                          text={"tokenizer": load(transformers.CLIPTokenizer, "tokenizer"),
+                                "text_encoder": load(transformers.CLIPTextModel, "text_encoder")})
+
+    def prepare(self, components, spec, timer):
+        return {"embeds": TextEmbeddings(components, spec, timer), "init_image": load_init_image(spec)}
+
+    def sample(self, components, scheduler, spec, prompts, generators, state, timer, tally):
+        embeds = state["embeds"]
+        return sample_text_to_image(components.denoiser, components.vae, scheduler, embeds(prompts),
+                                    embeds([spec.negative_prompt] * len(prompts)), generators, spec.height, spec.width,
+                                    spec.steps, spec.guidance, eta=spec.eta, progress=spec.progress, timer=timer,
+                                    init_image=state["init_image"], strength=spec.strength, tally=tally)
+
+    def warm_up(self, components, spec, batch_size):
+        import torch
+
+        from runner.precision import torch_dtype
+        from runner.sampling import latent_scale
+
+        unet, dtype, device = components.denoiser, torch_dtype(spec.dtype), spec.device
+        rows = batch_size * (2 if uses_cfg(unet, spec.guidance) else 1)
+        scale = latent_scale(components.vae.config)
+        x = torch.randn(rows, unet.config.in_channels, spec.height // scale, spec.width // scale, device=device,
+                        dtype=dtype)
+        embeds = torch.randn(rows, components.text["tokenizer"].model_max_length,
+                             components.text["text_encoder"].config.hidden_size, device=device, dtype=dtype)
+        with torch.no_grad():
+            unet(x, torch.tensor(1, device=device), encoder_hidden_states=embeds, return_dict=False)
+
+
+def uses_cfg(unet, guidance: float) -> bool:
+    """Classifier-free guidance runs an unconditional pass beside the conditional one, as the pipeline decides."""
+    return guidance > 1 and unet.config.time_cond_proj_dim is None
+
+
+class TextEmbeddings:
+    """Prompt embeddings, computed once per distinct prompt within a job."""
+
+    def __init__(self, components, spec, timer):
+        from runner.sampling import tokens_dropped
+
+        self.tokenizer, self.text_encoder = components.text["tokenizer"], components.text["text_encoder"]
+        self.timer, self.cache = timer, {}
+        for prompt in dict.fromkeys(spec.prompts + (spec.negative_prompt,)):
+            dropped = tokens_dropped(self.tokenizer, prompt)
+            if dropped:
+                log.warning(f"  prompt is {dropped} token(s) longer than the tokenizer's limit of "
+                            f"{self.tokenizer.model_max_length}; they are dropped: {prompt[:60]!r}…")
+
+    def __call__(self, prompts: list[str]):
+        import torch
+
+        from runner.sampling import encode_prompts
+
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if missing:
+            with self.timer("encode"):
+                encoded = encode_prompts(self.tokenizer, self.text_encoder, missing)
+            self.cache.update(zip(missing, encoded))
+        return torch.stack([self.cache[p] for p in prompts])
+
+
+def load_init_image(spec):
+    """The img2img start image as a (1, 3, H, W) tensor in [-1, 1], resized to the run's size."""
+    if spec.init_image is None:
+        return None
+    from diffusers.image_processor import VaeImageProcessor
+    from PIL import Image
+
+    return VaeImageProcessor().preprocess(Image.open(spec.init_image).convert("RGB"), height=spec.height,
+                                          width=spec.width)
+
+
+def sample_text_to_image(unet, vae, scheduler, cond_embeds, uncond_embeds, generators, height, width, steps, guidance,
+                         eta=0.0, progress=True, timer=None, init_image=None, strength=1.0, tally=None):
+    """Latent diffusion with classifier-free guidance, as StableDiffusionPipeline.
+
+    `cond_embeds`/`uncond_embeds` hold one row per image. With `init_image` (a [-1, 1] tensor of shape
+    (1, 3, H, W)) it is img2img, as StableDiffusionImg2ImgPipeline: the image is encoded, noised to the
+    timestep that `strength` picks, and only the remaining steps run.
+    """
+    import torch
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from runner.sampling import denoise, img2img_start, latent_scale, step_kwargs, timed, to_uint8
+
+    with torch.no_grad():
+        # The embeddings sit on the execution device, also under model CPU offload (where unet.device says "cpu").
+        device, dtype = cond_embeds.device, cond_embeds.dtype
+        use_cfg = uses_cfg(unet, guidance)
+        # 1. the schedule first: init_noise_sigma and img2img's start depend on it
+        scheduler.set_timesteps(steps, device=device)
+        timesteps = scheduler.timesteps
+        # 2. latents: pure noise, or the init image encoded and noised
+        scale = latent_scale(vae.config)
+        if init_image is None:
+            shape = (len(generators), unet.config.in_channels, height // scale, width // scale)
+            latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
+        else:
+            start = img2img_start(steps, strength, scheduler.order)
+            timesteps = timesteps[start:]
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(start)
+            with timed(timer, "vae_encode"):
+                posterior = vae.encode(init_image.to(device=device, dtype=dtype)).latent_dist
+            clean = torch.cat([posterior.sample(generator=g) for g in generators]) * vae.config.scaling_factor
+            noise = randn_tensor(clean.shape, generator=generators, device=device, dtype=dtype)
+            latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(generators)))
+        embeds = torch.cat([uncond_embeds, cond_embeds]) if use_cfg else cond_embeds
+
+        # 3. denoise: eps_u + w * (eps_c - eps_u)
+        def predict_noise(x, t):
+            model_input = scheduler.scale_model_input(torch.cat([x, x]) if use_cfg else x, t)
+            noise_pred = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            if not use_cfg:
+                return noise_pred
+            noise_uncond, noise_cond = noise_pred.chunk(2)
+            return noise_uncond + guidance * (noise_cond - noise_uncond)
+
+        latents = denoise(scheduler, latents, timesteps, predict_noise, step_kwargs(scheduler, generators, eta),
+                          progress, timer, tally, passes=2 if use_cfg else 1)
+        # 4. decode
+        with timed(timer, "vae_decode"):
+            images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        return to_uint8(images), latents
+
+
+FAMILY = StableDiffusion()

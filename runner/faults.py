@@ -1,0 +1,37 @@
+"""Faults on purpose: tests make sweep point k fail through the real code paths.
+
+    RUNNER_FAULT="<k>:error|oom|enospc|exit-in-import|exit-in-load"
+
+`error` and `oom` (torch.cuda.OutOfMemoryError) raise before sampling; `enospc` raises "No space left on device"
+where the job writes its first image. `exit-in-import` and `exit-in-load` create a class whose creation calls
+sys.exit(-1), as a preemption signal does when it lands during a library import: where the job imports its
+libraries (before its error handling), and after the model loaded (inside it; diffusers imports lazily).
+"""
+
+import os
+import sys
+
+FAULT_ENV = "RUNNER_FAULT"
+
+
+def inject_fault(job_num: int, stage: str) -> None:
+    fault = os.environ.get(FAULT_ENV, "")
+    if not fault or fault.split(":")[0] != str(job_num):
+        return
+    kind = fault.split(":", 1)[1] if ":" in fault else "error"
+    if stage == "sample" and kind == "oom":
+        import torch
+
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by RUNNER_FAULT)")
+    if stage == "sample" and kind == "error":
+        raise RuntimeError("fault injected by RUNNER_FAULT")
+    if (stage, kind) in (("import", "exit-in-import"), ("sample", "exit-in-load")):
+        class ExitsWhenNamed:
+            def __set_name__(self, owner, name):
+                sys.exit(-1)
+
+        type("LibraryClass", (), {"handle": ExitsWhenNamed()})
+    if stage == "save" and kind == "enospc":
+        import errno
+
+        raise OSError(errno.ENOSPC, "No space left on device (injected by RUNNER_FAULT)")
