@@ -1,5 +1,6 @@
 """`python -m runner`: the Hydra app. Heavy libraries load only once a job really runs."""
 
+import os
 import sys
 
 import hydra
@@ -29,6 +30,23 @@ def _checked_callbacks(init):
 Callbacks.__init__ = _checked_callbacks(Callbacks.__init__)
 
 
+def absolute_config_path(argv: list[str]) -> list[str]:
+    """`--config-path`/`-cp` as the user means it: relative to the current directory. (Hydra resolves a relative
+    one against this module's folder, so `--config-path results/runs/<job>/.hydra` would not be found.)"""
+    out, it = [], iter(argv)
+    for arg in it:
+        for flag in ("--config-path", "-cp"):
+            if arg == flag:
+                value = next(it, "")
+                arg = f"{flag}={value}"
+            if arg.startswith(flag + "="):
+                value = arg.split("=", 1)[1]
+                if value and "://" not in value and not os.path.isabs(value):
+                    arg = f"{flag}={os.path.abspath(value)}"
+        out.append(arg)
+    return out
+
+
 @hydra.main(version_base="1.3", config_path="conf", config_name="config")
 def main(cfg: DictConfig) -> str:
     from runner.exits import exits_unwrapped
@@ -39,4 +57,5 @@ def main(cfg: DictConfig) -> str:
 
 
 if __name__ == "__main__":
+    sys.argv[1:] = absolute_config_path(sys.argv[1:])
     main()
