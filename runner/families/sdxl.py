@@ -1,0 +1,271 @@
+"""Stable Diffusion XL (Podell et al. 2023), as StableDiffusionXLPipeline draws text-to-image.
+
+What SDXL adds to the SD 1.x loop: two CLIP text encoders whose penultimate hidden states are concatenated, the
+second encoder's pooled projection as an extra conditioning vector, and "micro-conditioning" on the image sizes
+(`add_time_ids`); an empty negative prompt is a zero embedding, not the encoded "" (`force_zeros_for_empty_prompt`).
+
+Family options (a top-level `sdxl:` config node, as `spec.family_options`):
+  original_size, crops_coords_top_left, target_size: null or [height, width]; null takes the pipeline's
+      defaults, (height, width), (0, 0) and (height, width)
+  guidance_rescale: in [0, 1], default 0 (Lin et al. 2023, section 3.4: fixes over-exposure at high guidance)
+The pipeline config (`spec.pipeline_config`, model_index.json's non-component keys) gives
+`force_zeros_for_empty_prompt` (the pipeline's default, true, where it is missing).
+
+torch and runner.sampling are imported inside the methods: recognising a model and checking a config must not
+load torch.
+"""
+
+import logging
+
+from runner.checks import fail
+from runner.families.base import Components, Family
+
+log = logging.getLogger("runner")
+
+SIZE_OPTIONS = {"original_size": "null or [height, width] of positive integers",
+                "crops_coords_top_left": "null or [top, left] of non-negative integers",
+                "target_size": "null or [height, width] of positive integers"}
+OPTIONS = (*SIZE_OPTIONS, "guidance_rescale")
+TEXT = (("tokenizer", "text_encoder"), ("tokenizer_2", "text_encoder_2"))
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _options(spec) -> dict:
+    return dict(getattr(spec, "family_options", None) or {})
+
+
+def micro_conditioning(spec) -> list[int]:
+    """The six numbers SDXL was trained to condition on: original size, crop corner, target size."""
+    options, size = _options(spec), [spec.height, spec.width]
+    defaults = {"original_size": size, "crops_coords_top_left": [0, 0], "target_size": size}
+    return [int(v) for key in SIZE_OPTIONS for v in (options.get(key) or defaults[key])]
+
+
+def guidance_embedding(w, dim: int):
+    """The guidance-scale embedding of guidance-distilled UNets (`time_cond_proj_dim`), as the pipeline builds it:
+    sinusoidal features of 1000 * w, in fp32 (the caller casts)."""
+    import torch
+
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    emb = (w * 1000.0).float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
+def rescale_noise_cfg(noise_cfg, noise_cond, guidance_rescale: float):
+    """Lin et al. 2023, section 3.4: match the guided prediction's std to the conditional one's, then blend back
+    by `guidance_rescale` (as diffusers' rescale_noise_cfg)."""
+    dims = list(range(1, noise_cond.ndim))
+    rescaled = noise_cfg * (noise_cond.std(dim=dims, keepdim=True) / noise_cfg.std(dim=dims, keepdim=True))
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
+
+
+class PromptEmbeddings:
+    """(hidden states, pooled) per distinct prompt, encoded once per job; the prepare() state."""
+
+    def __init__(self, components: Components, spec, timer):
+        from runner.precision import torch_dtype
+        from runner.sampling import tokens_dropped
+
+        self.text, self.timer, self.cache = components.text, timer, {}
+        self.negative_prompt = spec.negative_prompt
+        self.device, self.dtype = spec.device, torch_dtype(spec.dtype)
+        # The pipeline zeros the negative side only when no negative prompt is given; the runner's "no negative
+        # prompt" is "" (spec.py turns null into ""), so "" takes the zeros here.
+        config = getattr(spec, "pipeline_config", None) or {}
+        self.zero_negative = not spec.negative_prompt and config.get("force_zeros_for_empty_prompt", True)
+        for prompt in dict.fromkeys((*spec.prompts, spec.negative_prompt)):
+            dropped = max(tokens_dropped(self.text[name], prompt) for name, _ in TEXT)  # one warning, not two
+            if dropped:
+                log.warning(f"  prompt is {dropped} token(s) longer than the tokenizers' limit of "
+                            f"{self.text['tokenizer'].model_max_length}; they are dropped: {prompt[:60]!r}…")
+
+    def _encode(self, prompts: list[str]):
+        """Both encoders' penultimate hidden states side by side, and text_encoder_2's pooled projection."""
+        import torch
+
+        hidden = []
+        with torch.no_grad():
+            for tokenizer_name, encoder_name in TEXT:
+                tokenizer, encoder = self.text[tokenizer_name], self.text[encoder_name]
+                ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                                return_tensors="pt").input_ids
+                out = encoder(ids.to(self.device), output_hidden_states=True)
+                hidden.append(out.hidden_states[-2])
+        pooled = out[0]  # the last encoder is CLIPTextModelWithProjection: out[0] is `text_embeds`
+        return torch.cat(hidden, dim=-1).to(self.device, self.dtype), pooled.to(self.device, self.dtype)
+
+    def __call__(self, prompts: list[str]):
+        """(hidden states, pooled) stacked for `prompts`, one row each."""
+        import torch
+
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if missing:
+            with self.timer("encode"):
+                hidden, pooled = self._encode(missing)
+            self.cache.update(zip(missing, zip(hidden, pooled)))
+        rows = [self.cache[p] for p in prompts]
+        return torch.stack([h for h, _ in rows]), torch.stack([p for _, p in rows])
+
+    def negative(self, like):
+        """The unconditional side, shaped as `like` (the (hidden, pooled) of a batch): zeros, or the encoded
+        negative prompt."""
+        import torch
+
+        if self.zero_negative:
+            return torch.zeros_like(like[0]), torch.zeros_like(like[1])
+        return self([self.negative_prompt] * len(like[0]))
+
+
+class SDXL(Family):
+    name = "sdxl"
+    pipeline = "StableDiffusionXLPipeline"
+    summary = "Stable Diffusion XL (two CLIP text encoders, UNet, VAE: model_index.json as StableDiffusionXLPipeline)"
+    options_key = "sdxl"
+
+    def recognise(self, classes: dict[str, str]) -> bool:
+        tokenizers = {"CLIPTokenizer", "CLIPTokenizerFast"}
+        required = {"unet": {"UNet2DConditionModel"}, "vae": {"AutoencoderKL"}, "text_encoder": {"CLIPTextModel"},
+                    "text_encoder_2": {"CLIPTextModelWithProjection"}, "tokenizer": tokenizers,
+                    "tokenizer_2": tokenizers}
+        optional = {"scheduler", "image_encoder", "feature_extractor"}
+        return (all(classes.get(k) in allowed for k, allowed in required.items())
+                and set(classes) <= set(required) | optional)
+
+    def size_rule(self, read_config) -> tuple[int, int]:
+        scale = 2 ** (len(read_config("vae")["block_out_channels"]) - 1)
+        return scale, read_config("unet")["sample_size"] * scale
+
+    def check(self, spec) -> None:
+        if getattr(spec, "init_image", None) is not None:
+            fail("init_image", spec.init_image, "null: SDXL models draw text-to-image only (img2img, as "
+                                                 "StableDiffusionXLImg2ImgPipeline, is not supported yet)")
+        options = _options(spec)
+        for key, value in options.items():
+            if key not in OPTIONS:
+                fail(f"sdxl.{key}", value, "not an SDXL option; the options are " + ", ".join(OPTIONS))
+        for key, allowed in SIZE_OPTIONS.items():
+            value, low = options.get(key), 0 if key == "crops_coords_top_left" else 1
+            if value is not None and not (isinstance(value, (list, tuple)) and len(value) == 2
+                                          and all(_is_int(v) and v >= low for v in value)):
+                fail(f"sdxl.{key}", value, allowed)
+        rescale = options.get("guidance_rescale", 0.0)
+        if isinstance(rescale, bool) or not isinstance(rescale, (int, float)) or not 0 <= rescale <= 1:
+            fail("sdxl.guidance_rescale", rescale, "a number in [0, 1]")
+
+    def load(self, load, scheduler_config: dict) -> Components:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        text = {"tokenizer": load(CLIPTokenizer, "tokenizer"), "text_encoder": load(CLIPTextModel, "text_encoder"),
+                "tokenizer_2": load(CLIPTokenizer, "tokenizer_2"),
+                "text_encoder_2": load(CLIPTextModelWithProjection, "text_encoder_2")}
+        return Components(family=self, denoiser=load(UNet2DConditionModel, "unet"), scheduler_config=scheduler_config,
+                          vae=load(AutoencoderKL, "vae"), text=text)
+
+    def prepare(self, components: Components, spec, timer):
+        return PromptEmbeddings(components, spec, timer)
+
+    def sample(self, components: Components, scheduler, spec, prompts, generators, state, timer, tally):
+        import torch
+
+        with torch.no_grad():
+            return self._sample(components, scheduler, spec, prompts, generators, state, timer, tally)
+
+    def _sample(self, components, scheduler, spec, prompts, generators, state, timer, tally):
+        import torch
+        from diffusers.utils.torch_utils import randn_tensor
+
+        from runner.sampling import denoise, latent_scale, step_kwargs, to_uint8
+
+        unet, vae = components.denoiser, components.vae
+        embeds = state if state is not None else self.prepare(components, spec, timer)
+        device, dtype, n = spec.device, embeds.dtype, len(generators)
+        use_cfg = spec.guidance > 1 and unet.config.time_cond_proj_dim is None
+        rescale = float(_options(spec).get("guidance_rescale") or 0.0)
+
+        # 1. conditioning: [uncond; cond] rows under CFG, as the pipeline orders them
+        hidden, pooled = embeds(list(prompts))
+        if use_cfg:
+            neg_hidden, neg_pooled = embeds.negative((hidden, pooled))
+            hidden, pooled = torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled])
+        time_ids = torch.tensor([micro_conditioning(spec)], dtype=dtype, device=device).repeat(len(hidden), 1)
+        added = {"text_embeds": pooled, "time_ids": time_ids}
+        timestep_cond = None
+        if unet.config.time_cond_proj_dim is not None:  # guidance-distilled UNets take w as an input instead
+            w = torch.tensor(spec.guidance - 1).repeat(n)
+            timestep_cond = guidance_embedding(w, unet.config.time_cond_proj_dim).to(device, dtype)
+
+        # 2. the schedule, then the noise (init_noise_sigma depends on the schedule)
+        scheduler.set_timesteps(spec.steps, device=device)
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)  # as the pipeline: the step index starts at 0 whatever the timesteps
+        scale = latent_scale(vae.config)
+        shape = (n, unet.config.in_channels, spec.height // scale, spec.width // scale)
+        latents = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=dtype)
+        latents = latents * scheduler.init_noise_sigma
+
+        # 3. denoise: eps_u + w * (eps_c - eps_u), optionally rescaled
+        def predict_noise(x, t):
+            model_input = scheduler.scale_model_input(torch.cat([x, x]) if use_cfg else x, t)
+            noise_pred = unet(model_input, t, encoder_hidden_states=hidden, timestep_cond=timestep_cond,
+                              added_cond_kwargs=added, return_dict=False)[0]
+            if not use_cfg:
+                return noise_pred
+            noise_uncond, noise_cond = noise_pred.chunk(2)
+            guided = noise_uncond + spec.guidance * (noise_cond - noise_uncond)
+            return rescale_noise_cfg(guided, noise_cond, rescale) if rescale > 0 else guided
+
+        latents = denoise(scheduler, latents, scheduler.timesteps, predict_noise,
+                          step_kwargs(scheduler, generators, spec.eta), spec.progress, timer, tally,
+                          passes=2 if use_cfg else 1)
+
+        # 4. decode; SDXL's own VAE overflows in fp16, so the pipeline decodes in fp32 where the config says so
+        with timer("vae_decode"):
+            upcast = vae.dtype == torch.float16 and vae.config.force_upcast
+            if upcast:
+                vae.to(dtype=torch.float32)
+            z = latents.to(vae.dtype)
+            mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+            if mean is not None and std is not None:
+                mean = torch.tensor(mean).view(1, -1, 1, 1).to(z.device, z.dtype)
+                std = torch.tensor(std).view(1, -1, 1, 1).to(z.device, z.dtype)
+                z = z * std / vae.config.scaling_factor + mean
+            else:
+                z = z / vae.config.scaling_factor
+            images = vae.decode(z, return_dict=False)[0]
+            if upcast:
+                vae.to(dtype=torch.float16)
+        return to_uint8(images), latents
+
+    def warm_up(self, components: Components, spec, batch_size: int) -> None:
+        import torch
+
+        from runner.precision import torch_dtype
+        from runner.sampling import latent_scale
+
+        unet, c = components.denoiser, components
+        rows = batch_size * (2 if spec.guidance > 1 and unet.config.time_cond_proj_dim is None else 1)
+        scale, dtype = latent_scale(c.vae.config), torch_dtype(spec.dtype)
+        # A private generator: the warm-up must not move the global RNG (nor, of course, the images' generators).
+        g = torch.Generator("cpu").manual_seed(0)
+
+        def rand(*shape):
+            return torch.randn(shape, generator=g).to(spec.device, dtype)
+
+        added = {"text_embeds": rand(rows, c.text["text_encoder_2"].config.projection_dim),
+                 "time_ids": torch.tensor([micro_conditioning(spec)], device=spec.device, dtype=dtype).repeat(rows, 1)}
+        dim = unet.config.time_cond_proj_dim
+        cond = rand(rows, dim) if dim is not None else None  # such UNets run without CFG: rows == batch_size
+        latents = rand(rows, unet.config.in_channels, spec.height // scale, spec.width // scale)
+        hidden = rand(rows, c.text["tokenizer"].model_max_length, unet.config.cross_attention_dim)
+        with torch.no_grad():
+            unet(latents, torch.tensor(1, device=spec.device), encoder_hidden_states=hidden, timestep_cond=cond,
+                 added_cond_kwargs=added, return_dict=False)
+
+
+FAMILY = SDXL()
