@@ -89,10 +89,10 @@ def draw(spec, job_dir: Path, context: JobContext, listener=None) -> list[dict]:
         # 6. record
         if not drawn:
             scheduler.set_timesteps(spec.steps)  # nothing was drawn, so the schedule is set here to record it
-        schedule = recorded_schedule(spec, scheduler)
+        schedule = recorded_schedule(spec, family, scheduler)
         write_table(job_dir / SCHEDULE_FILE, schedule)
         times = clock.columns(len(rows), cached, warmed_up)
-        rows = [dict(row, **times, status="ok", error="") for row in rows]
+        rows = [dict(row, shift_mu=schedule_mu(scheduler), **times, status="ok", error="") for row in rows]
         log.info(f"  {len(rows)} image(s) in {times['time_total_s']:.2f} s  → {job_dir}")
     except Exception as err:  # record the point as failed; the sweep goes on
         from runner.exits import exit_in_disguise
@@ -145,15 +145,21 @@ def add_image_metrics(spec, family, rows: list[dict], pictures: list, job_dir: P
     return [dict(row, **m) for row, m in zip(rows, metrics)]
 
 
-def recorded_schedule(spec, scheduler) -> list[dict]:
-    """The sigma schedule of the steps that ran (img2img skips the first ones)."""
+def recorded_schedule(spec, family, scheduler) -> list[dict]:
+    """The sigma schedule of the steps that ran (img2img skips the first ones), with the dynamic shift's `mu`."""
     from runner.sampling import img2img_start
     from runner.schedulers import sigma_schedule
 
-    schedule = sigma_schedule(scheduler)
+    schedule = [dict(point, shift_mu=schedule_mu(scheduler)) for point in sigma_schedule(scheduler, family.flow)]
     if spec.init_image is not None:
         schedule = schedule[img2img_start(spec.steps, spec.strength, scheduler.order):]
     return schedule
+
+
+def schedule_mu(scheduler) -> float | None:
+    """The `mu` a flow family's dynamic shifting set the schedule with (runner.flow.set_timesteps keeps it on the
+    scheduler); None where the schedule was not shifted by image size."""
+    return getattr(scheduler, "runner_mu", None)
 
 
 def spec_columns(spec) -> dict:

@@ -45,6 +45,7 @@ class ModelInfo:
     revision: str | None  # the hub commit where known
     index_path: str
     pipeline_config: dict  # model_index.json's settings beside its components (force_zeros_for_empty_prompt ...)
+    scheduler_config: dict  # the model's scheduler_config.json
 
 
 @dataclass(frozen=True)
@@ -162,8 +163,12 @@ def read_model_info(name_or_path: str, revision: str | None, vae: str | None) ->
         fail(key, name_or_path, f"its component configs lack what {family.pipeline} needs to size an image "
              f"({type(err).__name__}: {err}); save the model again with save_pretrained()")
     pipeline_config = {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+    try:
+        scheduler_config = _read_json(name_or_path, revision, "scheduler/scheduler_config.json")[0]
+    except Exception:
+        fail(key, name_or_path, "it has no readable scheduler/scheduler_config.json; save the model with save_pretrained()")
     return ModelInfo(family, multiple, default_size, _hub_commit(index_path) or _local_fingerprint(name_or_path),
-                     index_path, pipeline_config)
+                     index_path, pipeline_config, scheduler_config)
 
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -223,6 +228,27 @@ def _local_fingerprint(directory: str) -> str | None:
     return "local-" + digest.hexdigest()[:16]
 
 
+def scheduler_kwargs(name: str, class_name: str | None, kwargs: dict, family, model_scheduler: dict, shift) -> dict:
+    """The scheduler option checked against the model's kind (VP or flow matching), with a swept `shift` (flow
+    models only) put where its class reads it: `shift` for the FlowMatch classes, `flow_shift` for the solvers
+    with use_flow_sigmas."""
+    from runner.schedulers import is_flow, options_of_kind
+
+    if class_name is not None and is_flow(class_name, kwargs) != family.flow:
+        kind = "flow-matching" if family.flow else "VP (DDPM-style)"
+        fail("scheduler", name, f"this {family.name} model needs a {kind} scheduler: one of "
+             + ", ".join(options_of_kind(family.flow)))
+    if shift is None:
+        return kwargs
+    as_number("shift", shift, 0, "a number > 0 (the static timestep shift of a flow-matching schedule), or null")
+    if not shift > 0:
+        fail("shift", shift, "a number > 0 (the static timestep shift of a flow-matching schedule), or null")
+    if model_scheduler.get("use_dynamic_shifting"):
+        fail("shift", shift, "null: this model shifts its schedule by the image size (use_dynamic_shifting); the "
+             "mu it used is in every row (shift_mu)")
+    return {**kwargs, ("flow_shift" if kwargs.get("use_flow_sigmas") else "shift"): float(shift)}
+
+
 def make_spec(cfg: DictConfig) -> Spec:
     """Check every value of a composed config and return the plain spec a job runs from."""
     refuse_unknown_targets(OmegaConf.to_container(cfg, resolve=False))
@@ -277,6 +303,7 @@ def make_spec(cfg: DictConfig) -> Spec:
         sizes[key] = value
 
     family = info.family
+    kwargs = scheduler_kwargs(sched["name"], class_name, kwargs, family, info.scheduler_config, c.get("shift"))
     if not family.conditional:  # no text encoder: prompts would only duplicate images and mislabel rows
         prompts, negative_prompt = [""], ""
     metric, clip_model = model.get("metric"), model.get("clip_model")

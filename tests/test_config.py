@@ -58,11 +58,11 @@ def test_precision_options_on_cpu(option, dtype):
     assert make_spec(compose_config(f"precision={option}", "device=cpu")).dtype == dtype
 
 
-@pytest.mark.parametrize("model,family,size", [("tiny-sd", "text-to-image", 64), ("tiny-ddpm", "unconditional", 32)])
+@pytest.mark.parametrize("model,family,size", [("tiny-sd", "stable-diffusion", 64), ("tiny-ddpm", "unconditional", 32)])
 def test_embedded_models_family_and_native_size(model, family, size):
     spec = make_spec(compose_config(f"model={model}", "prompt=[a cat,a dog]"))
     assert (spec.family, spec.height, spec.width) == (family, size, size)
-    assert spec.prompts == (("a cat", "a dog") if family == "text-to-image" else ("",))
+    assert spec.prompts == (("a cat", "a dog") if family == "stable-diffusion" else ("",))
     assert spec.model_revision.startswith("local-")
 
 

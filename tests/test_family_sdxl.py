@@ -233,7 +233,7 @@ def test_recognises_its_model_and_reads_its_sizes():
     ({"init_image": "start.png"}, "init_image='start.png' is not allowed"),
 ])
 def test_check_refuses_bad_options(changes, message):
-    from runner.spec import ConfigError
+    from runner.checks import ConfigError
 
     with pytest.raises(ConfigError) as error:
         FAMILY.check(make_spec(**changes))

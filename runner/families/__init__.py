@@ -2,10 +2,11 @@
 model_index.json. To add one: a module here exposing `FAMILY`, its line in FAMILIES, a conf/model/*.yaml, and its
 line in the parity tests."""
 
-from runner.families import sdxl, stable_diffusion, unconditional
+from runner.families import flux, sd3, sdxl, stable_diffusion, unconditional
 from runner.families.base import Components, Family
 
-FAMILIES: tuple[Family, ...] = (unconditional.FAMILY, stable_diffusion.FAMILY, sdxl.FAMILY)
+FAMILIES: tuple[Family, ...] = (unconditional.FAMILY, stable_diffusion.FAMILY, sdxl.FAMILY, sd3.FAMILY,
+                                  flux.FAMILY)
 
 
 def component_classes(index: dict) -> dict[str, str]:

@@ -10,7 +10,7 @@ log = logging.getLogger("runner")
 
 
 class StableDiffusion(Family):
-    name = "text-to-image"
+    name = "stable-diffusion"
     pipeline = "StableDiffusionPipeline"
     summary = "CLIPTokenizer + CLIPTextModel + UNet2DConditionModel + AutoencoderKL, like StableDiffusionPipeline"
     img2img_pipeline = "StableDiffusionImg2ImgPipeline"
