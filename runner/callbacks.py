@@ -51,6 +51,7 @@ class SweepResults(Callback):
 
     def write_sweep_results(self, config: DictConfig) -> None:
         from runner import results
+        from runner.columns import CONVERGENCE_COLUMNS
         from runner.convergence import add_convergence
         from runner.record import write_table
 
@@ -64,8 +65,9 @@ class SweepResults(Callback):
             df = add_convergence(df)
         except Exception as err:  # the metrics are extras: the table is still written without them
             log.warning(f"sweep: convergence metrics not computed: {type(err).__name__}: {err}")
-        write_table(sweep_dir / "results.parquet", df)
-        write_table(sweep_dir / "results.csv", df)
+            df = df.drop(columns=[c for c in CONVERGENCE_COLUMNS if c in df])  # none from an earlier table
+        write_table(sweep_dir / "results.parquet", results.portable(df, sweep_dir))
+        write_table(sweep_dir / "results.csv", results.portable(df, sweep_dir))
         write_grid_and_log(config, sweep_dir, df)
         failed = df[df["status"] != "ok"]
         log.info(f"sweep: {len(df) - len(failed)} image(s) ok, {len(failed)} failed → {sweep_dir / 'results.parquet'}")

@@ -8,16 +8,21 @@ import hashlib
 import io
 import json
 import os
-import tempfile
+import re
+import secrets
 from pathlib import Path
 
 from runner.jobdir import IMAGES_DIR, LATENTS_DIR
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` atomically, with the permissions a plain open() gives (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # Not tempfile.mkstemp: it makes files 0600, unreadable by colleagues on a shared filesystem. os.open with mode
+    # 0666 lets the kernel apply the umask, with no process-wide umask read; O_EXCL keeps the name ours alone.
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(8)}.tmp"
+    fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
@@ -79,11 +84,28 @@ def save_latent(job_dir: Path, name: str, latent) -> str:
     return relative
 
 
+# A spreadsheet runs a cell that starts with one of these as a formula (OWASP, "CSV Injection").
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+NUMBER = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+
+def csv_cell(value):
+    """A text cell that a spreadsheet would run as a formula, quoted with a leading ' (shown as text, never run).
+    Numbers stay as they are, also as text: a column that mixes numbers and words is stored as text."""
+    if isinstance(value, str) and value.startswith(FORMULA_STARTS) and not NUMBER.fullmatch(value):
+        return "'" + value
+    return value
+
+
 def dataframe_bytes(df, fmt: str) -> bytes:
+    import pandas as pd
+
     buffer = io.BytesIO()
     if fmt == "parquet":
-        df.to_parquet(buffer, index=False)
+        df.to_parquet(buffer, index=False)  # parquet is read by programs, not spreadsheets: the text stays raw
     else:
+        text_columns = [c for c in df.columns if df[c].dtype == object or isinstance(df[c].dtype, pd.StringDtype)]
+        df = df.assign(**{c: [csv_cell(v) for v in df[c]] for c in text_columns})
         df.to_csv(buffer, index=False)
     return buffer.getvalue()
 
@@ -118,7 +140,7 @@ def csv_bytes(rows: list[dict]) -> bytes | None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
-    writer.writerows(rows)
+    writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
     return buffer.getvalue().encode()
 
 

@@ -15,6 +15,8 @@ from runner.columns import QUALITY_COLUMNS, REPORT_COLUMNS
 from runner.jobdir import SCHEDULE_FILE
 from runner.record import atomic_write_bytes
 
+MANIFEST = "report_files.txt"  # the PNGs a report wrote: the next report into the same dir removes only those
+
 
 def peak_memory_columns(df) -> list[str]:
     """Peak-memory columns, where the runner recorded them (named like `peak_memory_mb`)."""
@@ -185,13 +187,19 @@ function sortBy(th) {{
 """
 
 
+def earlier_pictures(out: Path) -> list[str]:
+    """The PNGs an earlier report into `out` wrote, as its manifest names them (none without a manifest)."""
+    manifest = out / MANIFEST
+    names = manifest.read_text().splitlines() if manifest.is_file() else []
+    return [n for n in names if n.endswith(".png") and n == Path(n).name]  # bare file names: never outside `out`
+
+
 def write_report(df, out: Path, reference=None, reference_scheduler: str | None = None) -> Path:
-    """Write report.html and its PNGs into `out`; returns the HTML's path."""
+    """Write report.html and its PNGs into `out`, and the manifest naming those PNGs; returns the HTML's path."""
     from runner.convergence import add_convergence
 
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob("grid_*.png"):  # from an earlier report of this sweep, with other axes
-        stale.unlink()
+    earlier = earlier_pictures(out)
     df = add_convergence(df, reference=reference, scheduler=reference_scheduler)
     sections = []
     grids = grid_files(df, out)
@@ -219,6 +227,11 @@ def write_report(df, out: Path, reference=None, reference_scheduler: str | None 
                        sections="\n".join(sections))
     path = out / "report.html"
     atomic_write_bytes(path, page.encode())
+    pictures = [p.name for _, p in grids] + [p.name for p, _ in charts]
+    atomic_write_bytes(out / MANIFEST, "".join(f"{name}\n" for name in pictures).encode())
+    # Only pictures of an earlier report (grids with other axes ...): `--out` can name a dir of the user's own files.
+    for name in set(earlier) - set(pictures):
+        (out / name).unlink(missing_ok=True)
     return path
 
 

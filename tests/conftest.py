@@ -74,3 +74,25 @@ def small_sweep(tmp_path_factory) -> Path:
                      f"hydra.sweep.dir={sweep}", cwd=sweep.parent)
     assert result.returncode == 0, result.stderr
     return sweep
+
+
+def fake_sweep(sweep: Path, schedulers=("ddim", "euler"), steps=(2, 4), seeds=(0, 1)) -> Path:
+    """A sweep dir as a sweep leaves it, without a model: one job dir per scheduler and steps, each with a small
+    PNG per seed (fewer steps, further from the seed's picture) and its rows.parquet. No results table."""
+    from runner.record import ROWS_FILE, save_image, write_table
+
+    for job_num, (scheduler, n_steps) in enumerate((s, n) for s in schedulers for n in steps):
+        job_dir = sweep / str(job_num)
+        rows = []
+        for index, seed in enumerate(seeds):
+            picture = np.random.default_rng(seed).integers(0, 256, (16, 16, 3))
+            noise = np.random.default_rng(job_num * 100 + seed).integers(-64, 65, (16, 16, 3)) // n_steps
+            row = dict(model="fake", scheduler=scheduler, steps=n_steps, guidance=7.5, seed=seed, prompt="a cat",
+                       height=16, width=16, job_dir=str(job_dir.resolve()), sweep_dir=str(sweep.resolve()),
+                       job_num=job_num, overrides=f"scheduler={scheduler} steps={n_steps}", config_hash="fake",
+                       latent_path="", time_total_s=1.0, time_denoise_s=0.5, status="ok", error="")
+            image = np.clip(picture + noise, 0, 255).astype(np.uint8)
+            row["image_path"], row["image_sha256"] = save_image(job_dir, f"{index:03d}_seed{seed}", image, row)
+            rows.append(row)
+        write_table(job_dir / ROWS_FILE, rows)
+    return sweep

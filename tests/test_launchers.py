@@ -87,7 +87,8 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.lau
 def test_submitit_slurm_sweep_completes_with_every_row(tmp_path, slurm):
     proc, df = sweep(tmp_path, *SLURM, "scheduler=ddpm,unipc", "guidance=3,7.5", env=slurm.env)
     assert_each_point_once(df, [(s, g) for s in ("ddpm", "unipc") for g in (3.0, 7.5)])
-    assert all(row_job.startswith(str(tmp_path / "sweep")) for row_job in df["job_dir"])
+    sweep_dir = (tmp_path / "sweep").resolve()  # job_dir: absolute, or relative to the sweep
+    assert all((sweep_dir / row_job).resolve().parent == sweep_dir for row_job in df["job_dir"])
     # one job array: every job ran as SLURM task <array id>_<job num>
     logs = sorted(p.name for p in (tmp_path / "sweep" / ".submitit").glob("*/*_log.out"))
     assert len(logs) == 4 and len({name.split("_")[0] for name in logs}) == 1, logs

@@ -6,6 +6,8 @@ import sys
 import pandas as pd
 import pytest
 
+from tests.conftest import fake_sweep
+
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -114,3 +116,32 @@ def test_report_with_a_failed_point(small_sweep, tmp_path):
     page = (sweep / "report" / "report.html").read_text()
     assert len(re.findall(r"<tr><td>", page)) == 9 and page.count("<td>failed</td>") == 1
     assert "9 image(s), 8 ok, 1 failed" in page
+
+
+def test_report_out_removes_only_pictures_of_its_own_earlier_report(tmp_path):
+    from runner.report import main
+
+    sweep = fake_sweep(tmp_path / "sweep")
+    out = tmp_path / "shared"
+    out.mkdir()
+    (out / "grid_mine.png").write_bytes(b"a colleague's picture")
+    assert main([str(sweep), "--out", str(out)]) == 0
+    assert {"grid_sweep_00.png", "grid_sweep_01.png", "grid_mine.png"} <= {p.name for p in out.iterdir()}
+    # the sweep again with one seed: one grid page fewer; the earlier second page goes, the colleague's file stays
+    shutil.rmtree(sweep)
+    fake_sweep(sweep, seeds=(0,))
+    assert main([str(sweep), "--out", str(out)]) == 0
+    grids = sorted(p.name for p in out.glob("grid_*.png"))
+    assert grids == ["grid_mine.png", "grid_sweep_00.png"]
+    assert (out / "grid_mine.png").read_bytes() == b"a colleague's picture"
+
+
+def test_report_skips_a_truncated_rows_file(tmp_path):
+    from runner.report import main
+
+    sweep = fake_sweep(tmp_path / "sweep")
+    rows_file = sweep / "2" / "rows.parquet"
+    rows_file.write_bytes(rows_file.read_bytes()[:300])
+    assert main([str(sweep)]) == 0
+    page = (sweep / "report" / "report.html").read_text()
+    assert "6 image(s), 6 ok, 0 failed" in page

@@ -1,12 +1,16 @@
+import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from runner import results
+from runner.columns import CONVERGENCE_COLUMNS
 from runner.convergence import add_convergence
 from runner.grid import grid_pages
-from tests.conftest import read_png, run_job_in
+from runner.record import write_table
+from tests.conftest import fake_sweep, read_png, run_job_in
 
 
 def test_load_several_sweeps_pivot_and_best(small_sweep, tmp_path):
@@ -45,7 +49,7 @@ def test_convergence_columns_written_at_multirun_end(small_sweep):
     # each image is compared with the reference of its own seed (seed 1 with seed 1), in pixel space
     row = others[(others["scheduler"] == "euler_a") & (others["seed"] == 1)].iloc[0]
     ref = reference[reference["seed"] == 1].iloc[0]
-    a, b = read_png(row["image_path"]).astype(float), read_png(ref["image_path"]).astype(float)
+    a, b = (read_png(small_sweep / r["image_path"]).astype(float) for r in (row, ref))  # absolute, or relative
     assert np.isclose(row["psnr_to_ref"], 10 * np.log10(255**2 / np.mean((a - b) ** 2)))
 
 
@@ -74,3 +78,69 @@ def test_grid_pages_xyz_split_and_failed_cell(small_sweep):
     grey = (image[-60:, -60:] == 200).all(axis=-1)
     assert grey.mean() > 0.5 and not (ok_image[-60:, -60:] == 200).all(axis=-1).any()
     assert (image[: image.shape[0] // 2] == ok_image[: ok_image.shape[0] // 2]).all()  # other cells unchanged
+
+
+def sweep_with_table(tmp_path, portable=True):
+    """A fake sweep with its results table as the sweep callback writes it: portable, or with the absolute paths
+    of older sweeps. Returns the sweep dir and the table's rows as computed."""
+    sweep = fake_sweep(tmp_path / "sweep")
+    df = add_convergence(results.load(sweep))
+    table = results.portable(df, sweep) if portable else df
+    write_table(sweep / "results.parquet", table)
+    write_table(sweep / "results.csv", table)
+    return sweep, df
+
+
+def test_sweep_tables_hold_paths_relative_to_the_sweep(tmp_path):
+    sweep, df = sweep_with_table(tmp_path)
+    moved = tmp_path / "archive" / "sweep"
+    shutil.move(sweep, moved)
+    for table in (pd.read_parquet(moved / "results.parquet"), pd.read_csv(moved / "results.csv")):
+        # plain pandas finds the moved files: sweep dir / image_path
+        assert sorted(table["image_path"]) == sorted(p.relative_to(moved).as_posix() for p in moved.glob("*/*/*.png"))
+        assert set(map(str, table["job_dir"])) == {"0", "1", "2", "3"} and set(table["sweep_dir"]) == {"."}
+    loaded = results.load(moved)
+    assert all(p.startswith(str(moved.resolve())) and (moved / p).is_file() for p in loaded["image_path"])
+
+
+def test_load_of_a_moved_sweep_keeps_the_convergence_columns_of_its_table(tmp_path):
+    for portable in (True, False):  # the table of this version, and that of older sweeps (absolute paths)
+        sweep, df = sweep_with_table(tmp_path / str(portable), portable)
+        assert df["psnr_to_ref"].notna().all() and set(df["ref_scheduler"]) == {"ddim"}
+        moved = tmp_path / "moved" / str(portable)
+        shutil.move(sweep, moved)
+        loaded = results.load(moved / "0", moved)  # a job dir of the sweep, then the whole sweep
+        assert len(loaded) == 10
+        whole = loaded.iloc[2:].reset_index(drop=True)
+        pd.testing.assert_frame_equal(whole[list(CONVERGENCE_COLUMNS)], df[list(CONVERGENCE_COLUMNS)])
+        assert list(loaded.iloc[:2]["psnr_to_ref"]) == list(df.iloc[:2]["psnr_to_ref"])
+
+    # an image drawn again since the table was written gets no value of the old one
+    job = pd.read_parquet(moved / "1" / "rows.parquet").assign(image_sha256="drawn again")
+    write_table(moved / "1" / "rows.parquet", job)
+    redrawn = results.load(moved)
+    assert redrawn[redrawn["job_num"] == 1]["psnr_to_ref"].isna().all()
+    assert redrawn[redrawn["job_num"] != 1]["psnr_to_ref"].notna().all()
+
+
+def test_load_says_which_rows_are_reproductions(tmp_path):
+    tree = tmp_path / "results"
+    fake_sweep(tree / "sweeps" / "s1", schedulers=("ddim",), steps=(2,))
+    single = pd.read_parquet(tree / "sweeps" / "s1" / "0" / "rows.parquet")
+    write_table(tree / "runs" / "r1" / "rows.parquet", single.assign(sweep_dir="", overrides="steps=2"))
+    write_table(tree / "reproduce" / "t1" / "0" / "rows.parquet",
+                single.assign(sweep_dir="", overrides=f"reproduce {tree / 'sweeps' / 's1' / '0'}"))
+    df = results.load(tree)
+    assert {Path(j).relative_to(tree.resolve()).as_posix(): set(o) for j, o in df.groupby("job_dir")["origin"]} == \
+        {"sweeps/s1/0": {"sweep"}, "runs/r1": {"run"}, "reproduce/t1/0": {"reproduce"}}
+    assert len(df[df["origin"] != "reproduce"]) == 4
+
+
+def test_load_skips_a_truncated_rows_file_with_one_warning(tmp_path, caplog):
+    sweep = fake_sweep(tmp_path / "sweep")
+    rows_file = sweep / "1" / "rows.parquet"
+    rows_file.write_bytes(rows_file.read_bytes()[:300])  # as `head -c 300` leaves it
+    with caplog.at_level(logging.WARNING, logger="runner"):
+        df = results.load(sweep)
+    assert len(df) == 6 and 1 not in set(df["job_num"])
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [f"skipped {rows_file}"]

@@ -80,7 +80,7 @@ def test_sigma_schedule_as_step_metric_and_table(sweep):
     logged = runs["scheduler=unipc guidance=3"]
     points = [h for h in logged["history"] if "schedule/sigma" in h]
     job = job_rows(sweep_dir, "unipc", 3).job_dir.iloc[0]
-    schedule = pd.read_csv(f"{job}/schedule.csv")
+    schedule = pd.read_csv(sweep_dir / job / "schedule.csv")  # job_dir: absolute, or relative to the sweep
     assert [p["schedule/step"] for p in points] == list(schedule.step)
     assert [p["schedule/sigma"] for p in points] == pytest.approx(list(schedule.sigma))
     table_file = next((logged["dir"] / "files" / "media" / "table").glob("schedule_table_*.table.json"))
