@@ -10,6 +10,7 @@
 A job that fails after its config was checked still writes its rows, with status=failed and the error.
 """
 
+import contextlib
 import logging
 import platform
 import traceback
@@ -18,7 +19,7 @@ from pathlib import Path
 from runner.context import JobContext
 from runner.faults import inject_fault
 from runner.jobdir import ERROR_FILE, ROWS_FILE, SCHEDULE_FILE, image_name, kept_images
-from runner.record import save_image, save_latent, write_table
+from runner.record import atomic_write_bytes, save_image, save_latent, write_table
 
 log = logging.getLogger("runner")
 
@@ -99,8 +100,8 @@ def draw(spec, job_dir: Path, context: JobContext, listener=None) -> list[dict]:
 
         if (real_exit := exit_in_disguise(err)) is not None:
             raise real_exit from None
-        (job_dir / ERROR_FILE).parent.mkdir(parents=True, exist_ok=True)
-        (job_dir / ERROR_FILE).write_text(traceback.format_exc())
+        with contextlib.suppress(OSError):  # a full disk: the failed rows below must still come back
+            atomic_write_bytes(job_dir / ERROR_FILE, traceback.format_exc().encode())
         log.error(f"  failed: {type(err).__name__}: {err}")
         # Images drawn before the failure stay on disk (a resume keeps them); the rows count none of them as ok.
         rows = [dict(base, prompt=p, seed=s, image_path="", image_sha256="", status="failed",

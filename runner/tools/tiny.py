@@ -51,6 +51,7 @@ def build_tiny_sd(out_dir: Path) -> None:
 
     write_char_tokenizer(out_dir / "tokenizer")
     tokenizer = CLIPTokenizer.from_pretrained(out_dir / "tokenizer")
+    tokenizer.init_kwargs["local_files_only"] = False  # saved below: HF_HUB_OFFLINE=1 would write true, other bytes
     torch.manual_seed(0)
     unet = UNet2DConditionModel(
         block_out_channels=(32, 64), layers_per_block=1, sample_size=8, in_channels=4, out_channels=4,
