@@ -26,14 +26,47 @@ def compose_config(*overrides, hydra_config=False):
         return compose("config", overrides=list(overrides), return_hydra_config=hydra_config)
 
 
-def scheduler_for(pipe, option):
-    """The option's diffusers class and kwargs, built by diffusers itself (independently of runner.schedulers)."""
+# The scheduler options as the README names them, option → (diffusers class, kwargs), written here by hand: the
+# tests' oracle must not read conf/scheduler/*.yaml, or a wrong class or kwarg there would be copied into it.
+# None: the class the model was saved with. Every option in conf/scheduler must be here (test_config checks it).
+VP_SCHEDULERS = {
+    "default": (None, {}),
+    "ddpm": ("DDPMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),  # PLMS, as the original Stable Diffusion samples
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                        "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+# Flow matching (SD3, Flux): the pipelines' own sampler, and the multistep solvers on flow sigmas.
+FLOW_SCHEDULERS = {
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
+    "flow_euler_sde": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
+    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
+    "flow_dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
+                                                      "use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+    "flow_unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
+}
+SCHEDULER_OPTIONS = {**VP_SCHEDULERS, **FLOW_SCHEDULERS}
+
+
+def scheduler_by_hand(model_config: dict, option: str, **overrides):
+    """The option's scheduler as a user builds it with diffusers (SCHEDULER_OPTIONS), from a model's config."""
     import diffusers
 
-    cfg = compose_config(f"scheduler={option}").scheduler
-    kwargs = {k: v for k, v in cfg.kwargs.items() if v is not None}
-    cls = getattr(diffusers, cfg.class_name or pipe.model_scheduler_config["_class_name"])
-    return cls.from_config(pipe.model_scheduler_config, **kwargs)
+    class_name, kwargs = SCHEDULER_OPTIONS[option]
+    return getattr(diffusers, class_name or model_config["_class_name"]).from_config(model_config,
+                                                                                     **{**kwargs, **overrides})
+
+
+def scheduler_for(pipe, option, **overrides):
+    """The option's scheduler for a pipeline, from the model's own scheduler config (saved on the pipe)."""
+    return scheduler_by_hand(pipe.model_scheduler_config, option, **overrides)
 
 
 def run_cli(*args, cwd, timeout=300, env=None):
@@ -45,11 +78,14 @@ def run_cli(*args, cwd, timeout=300, env=None):
 
 
 def run_job_in(tmp_path, *overrides):
-    """Compose, check and run one job into tmp_path (no CLI); returns its rows."""
+    """Compose, check and run one job into tmp_path (no CLI); returns its rows. On the CPU unless a `device=` is
+    given: the tests compare fp32 pixels and CPU columns, which a GPU box's device=auto would change."""
     from runner.context import standalone
     from runner.draw import draw
     from runner.spec import make_spec
 
+    if not any(o.startswith("device=") for o in overrides):
+        overrides = (*overrides, "device=cpu")
     cfg = compose_config(*overrides, "sampling.progress=false")
     return draw(make_spec(cfg), Path(tmp_path), standalone(cfg, tmp_path, " ".join(overrides)))
 
@@ -60,9 +96,17 @@ def read_png(path) -> np.ndarray:
     return np.asarray(Image.open(path).convert("RGB"))
 
 
-@pytest.fixture
-def compose():
-    return compose_config
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """In-process drawing on one CPU thread: the embedded models are tiny, one thread is as fast (README, Performance),
+    and on a CPU shared with other work several threads are many times slower. `python -m runner` subprocesses keep
+    the environment's setting."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
@@ -70,7 +114,7 @@ def small_sweep(tmp_path_factory) -> Path:
     """A real 4-job sweep made through the CLI (ddim, euler_a × 2, 4 steps, seeds [0,1]) on the default model: shared,
     never modified. (Not plain euler: on digits-sd it draws DDIM's very images, Euler being DDIM in sigma form.)"""
     sweep = tmp_path_factory.mktemp("small_sweep") / "sweep"
-    result = run_cli("-m", "scheduler=ddim,euler_a", "steps=2,4", "seed=[0,1]", "sampling.progress=false",
+    result = run_cli("-m", "scheduler=ddim,euler_a", "steps=2,4", "seed=[0,1]", "sampling.progress=false", "device=cpu",
                      f"hydra.sweep.dir={sweep}", cwd=sweep.parent)
     assert result.returncode == 0, result.stderr
     return sweep
@@ -79,7 +123,8 @@ def small_sweep(tmp_path_factory) -> Path:
 def fake_sweep(sweep: Path, schedulers=("ddim", "euler"), steps=(2, 4), seeds=(0, 1)) -> Path:
     """A sweep dir as a sweep leaves it, without a model: one job dir per scheduler and steps, each with a small
     PNG per seed (fewer steps, further from the seed's picture) and its rows.parquet. No results table."""
-    from runner.record import ROWS_FILE, save_image, write_table
+    from runner.jobdir import ROWS_FILE
+    from runner.record import save_image, write_table
 
     for job_num, (scheduler, n_steps) in enumerate((s, n) for s in schedulers for n in steps):
         job_dir = sweep / str(job_num)

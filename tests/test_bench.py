@@ -7,6 +7,7 @@ import pytest
 from conftest import CORES
 
 
+@pytest.mark.slow
 def test_bench_writes_and_prints_the_ratios(tmp_path):
     import os
     import subprocess
@@ -15,7 +16,7 @@ def test_bench_writes_and_prints_the_ratios(tmp_path):
     out = tmp_path / "bench"
     result = subprocess.run(
         [sys.executable, "-m", "runner.tools.bench", "--steps", "2", "--repeats", "2", "--batch", "3", "--schedulers",
-         "ddim,euler", "--guidances", "7.5", "--seeds", "2", "--threads", "1", "--out", str(out)],
+         "ddim,euler", "--guidances", "7.5", "--seeds", "2", "--threads", "1", "--device", "cpu", "--out", str(out)],
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stderr[-2000:]
     headline = json.loads(result.stdout.strip().splitlines()[-1])

@@ -2,7 +2,7 @@
 
 import pytest
 
-from conftest import CONF_DIR, compose_config
+from conftest import CONF_DIR, FLOW_SCHEDULERS, SCHEDULER_OPTIONS, compose_config, scheduler_by_hand
 from runner.schedulers import build_scheduler
 from runner.checks import ConfigError
 from runner.spec import make_spec
@@ -13,8 +13,7 @@ def options(group):
 
 
 def test_every_group_has_its_options():
-    assert options("scheduler") == sorted(["default", "ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "heun",
-                                           "dpmpp_2m", "dpmpp_2m_karras", "unipc"])
+    assert options("scheduler") == sorted(SCHEDULER_OPTIONS)  # each with its diffusers mapping written by hand
     assert options("precision") == ["auto", "bf16", "fp16", "fp32"]
     assert {"tiny-sd", "tiny-ddpm", "ddpm-cat-256", "sd-v1-4", "sd-v1-5", "sd-2-1"} <= set(options("model"))
     assert options("sampling") == ["default"]
@@ -28,18 +27,21 @@ def test_defaults():
 
 
 @pytest.mark.parametrize("option", options("scheduler"))
-def test_scheduler_options_build_their_class_from_the_model_config(option):
+def test_scheduler_options_build_the_readme_class_and_kwargs(option):
+    """Each option builds, from the model's own scheduler config, exactly the scheduler a user builds with diffusers
+    from the README's mapping (conftest.SCHEDULER_OPTIONS, written by hand). VP options on digits-sd and on
+    tiny-ddpm (whose DDPM config leaves PNDM's skip_prk_steps unset), flow options on tiny-sd3."""
     import diffusers
 
-    spec = make_spec(compose_config(f"scheduler={option}"))
-    model_config = diffusers.DDPMScheduler.load_config(spec.name_or_path, subfolder="scheduler")
-    scheduler = build_scheduler(model_config, spec.scheduler_class, spec.scheduler_kwargs)
-    expected = compose_config(f"scheduler={option}").scheduler.class_name or model_config["_class_name"]
-    assert type(scheduler).__name__ == expected
-    # betas and prediction type carry over from the model
-    assert scheduler.config.beta_schedule == model_config["beta_schedule"]
-    assert scheduler.config.prediction_type == model_config.get("prediction_type", "epsilon")
-    assert spec.scheduler == option  # the option name, as typed
+    models = ["tiny-sd3"] if option in FLOW_SCHEDULERS else ["digits-sd", "tiny-ddpm"]
+    for model in models:
+        spec = make_spec(compose_config(f"model={model}", f"scheduler={option}", "device=cpu"))
+        model_config = diffusers.DDPMScheduler.load_config(spec.name_or_path, subfolder="scheduler")
+        scheduler = build_scheduler(model_config, spec.scheduler_class, spec.scheduler_kwargs)
+        expected = scheduler_by_hand(model_config, option)
+        assert type(scheduler) is type(expected)
+        assert dict(scheduler.config) == dict(expected.config)  # every setting: the option's and the model's
+        assert spec.scheduler == option  # the option name, as typed
 
 
 def test_scheduler_kwargs_override_from_the_command_line():
@@ -120,7 +122,7 @@ def test_directory_without_model_index_and_unsupported_family(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline", '
                                                '"unet": ["diffusers", "UNet2DConditionModel"], '
                                                '"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}')
-    with pytest.raises(ConfigError, match="not a supported family; supported: unconditional .* text-to-image"):
+    with pytest.raises(ConfigError, match="not a supported family; supported: unconditional .* stable-diffusion .* sdxl"):
         make_spec(compose_config(f"model.name_or_path={tmp_path}"))
 
 

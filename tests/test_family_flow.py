@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import FLOW_SCHEDULERS  # option → (class, kwargs), written by hand (conf/scheduler/flow_*.yaml)
 from runner import embedded_model_path
 from runner.families import flux, sd3
 from runner.sampling import Tally
@@ -24,15 +25,6 @@ from runner.checks import ConfigError
 
 STEPS = 5
 PROMPT, NEGATIVE, SEED = "a red cube on a table", "blurry", 11
-# option → (class, kwargs), as conf/scheduler/flow_*.yaml mean them
-FLOW_SCHEDULERS = {
-    "flow_euler": ("FlowMatchEulerDiscreteScheduler", {}),
-    "flow_euler_sde": ("FlowMatchEulerDiscreteScheduler", {"stochastic_sampling": True}),
-    "flow_heun": ("FlowMatchHeunDiscreteScheduler", {}),
-    "flow_dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                      "use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
-    "flow_unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
-}
 
 
 @contextlib.contextmanager

@@ -33,6 +33,7 @@ def assert_each_point_once(df, points):
     assert df["image_path"].is_unique and df["job_dir"].is_unique
 
 
+@pytest.mark.slow
 def test_joblib_two_cpu_workers_each_row_once_and_each_worker_pinned(tmp_path):
     # Two visible "GPUs" on a CPU box: the workers still claim one id each (the pinning is what is tested; device=cpu).
     _, df = sweep(tmp_path, "hydra/launcher=gpus", *SWEEP, env={"CUDA_VISIBLE_DEVICES": "0,1"})
@@ -44,6 +45,7 @@ def test_joblib_two_cpu_workers_each_row_once_and_each_worker_pinned(tmp_path):
     assert workers["model_cached"].apply(lambda cached: (~cached).sum()).tolist() == [1, 1]
 
 
+@pytest.mark.slow
 def test_joblib_without_gpus_runs_two_processes(tmp_path):
     proc, df = sweep(tmp_path, "hydra/launcher=gpus", "scheduler=ddpm,unipc", env={"CUDA_VISIBLE_DEVICES": ""})
     assert "n_jobs=2" in proc.stderr + proc.stdout
@@ -51,6 +53,7 @@ def test_joblib_without_gpus_runs_two_processes(tmp_path):
     assert (df["cuda_visible_devices"] == "").all()  # nothing pinned on CPU
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep_completes_with_all_rows(tmp_path):
     _, df = sweep(tmp_path, "hydra/launcher=local", "scheduler=ddpm,unipc")
     assert_each_point_once(df, [("ddpm", 7.5), ("unipc", 7.5)])
@@ -84,6 +87,7 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.lau
          "hydra.launcher.cpus_per_task=1", "hydra.launcher.timeout_min=10"]
 
 
+@pytest.mark.slow
 def test_submitit_slurm_sweep_completes_with_every_row(tmp_path, slurm):
     proc, df = sweep(tmp_path, *SLURM, "scheduler=ddpm,unipc", "guidance=3,7.5", env=slurm.env)
     assert_each_point_once(df, [(s, g) for s in ("ddpm", "unipc") for g in (3.0, 7.5)])
@@ -94,6 +98,7 @@ def test_submitit_slurm_sweep_completes_with_every_row(tmp_path, slurm):
     assert len(logs) == 4 and len({name.split("_")[0] for name in logs}) == 1, logs
 
 
+@pytest.mark.slow
 def test_slurm_preempted_job_is_requeued_and_a_resubmitted_sweep_skips_finished_jobs(tmp_path, slurm):
 
     sweep_dir = tmp_path / "sweep"

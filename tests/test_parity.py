@@ -4,16 +4,17 @@ Bound: max pixel difference <= 1/255 on CPU fp32, images compared as the uint8 P
 """
 
 import inspect
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config, read_png, run_job_in, scheduler_for
+from conftest import VP_SCHEDULERS, compose_config, read_png, run_job_in, scheduler_for
 from runner import embedded_model_path
 
-SCHEDULERS = ["default", "ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
+SCHEDULERS = list(VP_SCHEDULERS)  # every option for Stable Diffusion and DDPM models
 STEPS = 8
 
 
@@ -66,16 +67,112 @@ def test_text_to_image_matches_stable_diffusion_pipeline(option, sd_pipe, tmp_pa
     assert_same_image(image, to_uint8(theirs))
 
 
-def test_guidance_one_has_no_unconditional_pass(sd_pipe, tmp_path):
-    image, = ours(tmp_path, "steps=6", "guidance=1", "seed=2", "negative_prompt=anything")
+@contextmanager
+def unet_batch_rows():
+    """The batch size of every forward pass of the UNet the runner draws with (its cached tiny-sd), as a list."""
+    from runner.components import load_components
+    from runner.spec import make_spec
+
+    unet = load_components(make_spec(compose_config("model=tiny-sd", "device=cpu")))[0].denoiser
+    rows = []
+    hook = unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        yield rows
+    finally:
+        hook.remove()
+
+
+@pytest.mark.parametrize("guidance", [1, 0.5, 0])
+def test_guidance_at_most_one_runs_no_unconditional_pass(guidance, sd_pipe, tmp_path):
+    # At guidance 1, eps_u + 1 * (eps_c - eps_u) = eps_c: the image alone cannot tell whether an unconditional pass
+    # ran, so count the UNet's batch rows. Below 1 the pipeline also runs the conditional pass alone.
+    with unet_batch_rows() as rows:
+        image, = ours(tmp_path, "steps=6", f"guidance={guidance}", "seed=2", "negative_prompt=anything")
+    assert rows and set(rows) == {1}  # one image, one row per UNet call: no unconditional row beside it
     sd_pipe.scheduler = scheduler_for(sd_pipe, "default")
-    theirs = sd_pipe(compose_config().prompt, num_inference_steps=6, guidance_scale=1.0, height=64, width=64,
-                     generator=torch.Generator("cpu").manual_seed(2), output_type="np").images[0]
+    theirs = sd_pipe(compose_config().prompt, negative_prompt="anything", num_inference_steps=6,
+                     guidance_scale=guidance, height=64, width=64, generator=torch.Generator("cpu").manual_seed(2),
+                     output_type="np").images[0]
     assert_same_image(image, to_uint8(theirs))
 
 
-@pytest.mark.parametrize("option", ["ddim", "euler_a", "dpmpp_2m", "lms", "heun"])
-def test_img2img_matches_img2img_pipeline(option, sd_pipe, tmp_path):
+def test_guidance_above_one_runs_both_passes_in_one_batch(tmp_path):
+    with unet_batch_rows() as rows:
+        ours(tmp_path, "steps=3", "guidance=1.5", "seed=[2,3]")
+    assert rows and set(rows) == {4}  # two images, each with its conditional and unconditional row
+
+
+def test_eta_adds_ddim_noise_as_the_pipeline_does(sd_pipe, tmp_path):
+    seed, prompt = 4, "a red cube on a table"
+    deterministic, = ours(tmp_path / "eta0", "scheduler=ddim", "steps=6", f"seed={seed}", f"prompt='{prompt}'")
+    noisy, = ours(tmp_path / "eta1", "scheduler=ddim", "steps=6", f"seed={seed}", f"prompt='{prompt}'",
+                  "sampling.eta=1")
+    assert np.abs(noisy.astype(int) - deterministic.astype(int)).max() > 10
+    sd_pipe.scheduler = scheduler_for(sd_pipe, "ddim")
+    theirs = sd_pipe(prompt, num_inference_steps=6, guidance_scale=7.5, height=64, width=64, eta=1.0,
+                     generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images[0]
+    assert_same_image(noisy, to_uint8(theirs))
+
+
+LONG_PROMPT = "a red cube on a wooden table beside a blue sphere, soft light " * 2  # 100 tiny-sd tokens (letters)
+
+
+# (overrides, the pipeline call's own arguments, the scheduler's kwargs beyond the option's)
+VARIANTS = {
+    "trailing_spacing": (["scheduler=ddim", "scheduler.kwargs.timestep_spacing=trailing"], {},
+                         {"timestep_spacing": "trailing"}),
+    "v_prediction": (["scheduler=euler", "scheduler.kwargs.prediction_type=v_prediction"], {},
+                     {"prediction_type": "v_prediction"}),
+    "karras_and_offset": (["scheduler=dpmpp_2m", "scheduler.kwargs.use_karras_sigmas=true",
+                           "scheduler.kwargs.steps_offset=0"], {}, {"use_karras_sigmas": True, "steps_offset": 0}),
+    "non_native_size": (["height=48", "width=80"], {"height": 48, "width": 80}, {}),
+    "prompt_past_77_tokens": ([], {"prompt": LONG_PROMPT}, {}),
+}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_overrides_match_the_pipeline_called_likewise(variant, sd_pipe, tmp_path):
+    overrides, call, scheduler_kwargs = VARIANTS[variant]
+    call = {"prompt": "a red cube", "height": 64, "width": 64, **call}
+    option = next((o.split("=")[1] for o in overrides if o.startswith("scheduler=")), "default")
+    image, = ours(tmp_path, *overrides, "steps=6", "seed=9", f"prompt='{call['prompt']}'")
+    sd_pipe.scheduler = scheduler_for(sd_pipe, option, **scheduler_kwargs)
+    theirs = sd_pipe(**call, num_inference_steps=6, guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(9),
+                     output_type="np").images[0]
+    assert image.shape == (call["height"], call["width"], 3)
+    assert_same_image(image, to_uint8(theirs))
+
+
+def test_a_seed_list_matches_the_pipeline_with_a_generator_list(sd_pipe, tmp_path):
+    # euler_a draws noise at every step: the pipeline hands the list to the scheduler, each image its own generator
+    batch = ours(tmp_path, "scheduler=euler_a", "steps=6", "seed=[3,4]", "prompt='a red cube'")
+    sd_pipe.scheduler = scheduler_for(sd_pipe, "euler_a")
+    theirs = sd_pipe("a red cube", num_images_per_prompt=2, num_inference_steps=6, guidance_scale=7.5, height=64,
+                     width=64, generator=[torch.Generator("cpu").manual_seed(s) for s in (3, 4)],
+                     output_type="np").images
+    for image, their_image in zip(batch, theirs, strict=True):
+        assert_same_image(image, to_uint8(their_image))
+
+
+def test_euler_a_draws_ddpm_images_and_euler_draws_ddim_images(tmp_path):
+    """README: Euler a draws DDPM's images (1/255), Euler draws DDIM's (2/255): on digits-sd, 20 steps, guidance 7.5."""
+    def images(option):
+        return ours(tmp_path / option, "model=digits-sd", f"scheduler={option}", "steps=20", "seed=[0,1,2]",
+                    "prompt=[a handwritten digit three,a handwritten digit eight]")
+
+    def max_difference(a, b):
+        return max(np.abs(x.astype(int) - y.astype(int)).max() for x, y in zip(a, b, strict=True))
+
+    assert max_difference(images("euler_a"), images("ddpm")) <= 1
+    assert max_difference(images("euler"), images("ddim")) <= 2
+
+
+IMG2IMG = [(option, 0.6, "") for option in SCHEDULERS] + [("default", 0.3, ""), ("euler_a", 1.0, ""),
+                                                          ("dpmpp_2m_karras", 0.6, "blurry")]
+
+
+@pytest.mark.parametrize("option,strength,negative", IMG2IMG)
+def test_img2img_matches_img2img_pipeline(option, strength, negative, sd_pipe, tmp_path):
     from diffusers import StableDiffusionImg2ImgPipeline
     from PIL import Image
 
@@ -83,12 +180,12 @@ def test_img2img_matches_img2img_pipeline(option, sd_pipe, tmp_path):
     init = Image.fromarray(np.stack([np.tile(gradient, (64, 1)), np.tile(gradient[:, None], (1, 64)),
                                      np.full((64, 64), 90, np.uint8)], -1))
     init.save(tmp_path / "init.png")
-    image, = ours(tmp_path / "run", f"scheduler={option}", "steps=10", "strength=0.6", "seed=5",
-                  f"init_image={tmp_path / 'init.png'}", "prompt=a cat")
+    image, = ours(tmp_path / "run", f"scheduler={option}", "steps=10", f"strength={strength}", "seed=5",
+                  f"init_image={tmp_path / 'init.png'}", "prompt=a cat", f"negative_prompt='{negative}'")
     pipe = StableDiffusionImg2ImgPipeline(**sd_pipe.components)
     pipe.scheduler = scheduler_for(sd_pipe, option)
-    theirs = pipe("a cat", image=init, strength=0.6, num_inference_steps=10, guidance_scale=7.5,
-                  generator=torch.Generator("cpu").manual_seed(5), output_type="np").images[0]
+    theirs = pipe("a cat", image=init, strength=strength, negative_prompt=negative or None, num_inference_steps=10,
+                  guidance_scale=7.5, generator=torch.Generator("cpu").manual_seed(5), output_type="np").images[0]
     assert_same_image(image, to_uint8(theirs))
 
 

@@ -47,6 +47,7 @@ def report(small_sweep, tmp_path_factory):
     return sweep / "report"
 
 
+@pytest.mark.slow
 def test_report_files_and_table(report):
     page = (report / "report.html").read_text()
     pngs = sorted(p.name for p in report.glob("*.png"))
@@ -63,6 +64,7 @@ def test_report_files_and_table(report):
     assert page.count("<td>inf</td>") == 2  # psnr_to_ref recomputed: the two reference images
 
 
+@pytest.mark.slow
 def test_report_of_two_sweeps_and_out(small_sweep, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(small_sweep, other)
@@ -79,6 +81,7 @@ def test_report_bad_path(tmp_path):
     assert result.stderr.strip().startswith("error: path=") and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None, reason="needs Debian's chromium (apt-get install chromium; .ci/run does)")
 def test_report_in_headless_chromium(report, tmp_path):
     import json
@@ -103,6 +106,7 @@ def test_report_in_headless_chromium(report, tmp_path):
     print(f"report screenshot: {screenshot}")
 
 
+@pytest.mark.slow
 def test_report_with_a_failed_point(small_sweep, tmp_path):
     sweep = tmp_path / "sweep"
     shutil.copytree(small_sweep, sweep)
@@ -145,3 +149,38 @@ def test_report_skips_a_truncated_rows_file(tmp_path):
     assert main([str(sweep)]) == 0
     page = (sweep / "report" / "report.html").read_text()
     assert "6 image(s), 6 ok, 0 failed" in page
+
+
+def report_table(page: str) -> list[dict]:
+    """The report's results table as one dict per row (cells as the page shows them)."""
+    head = re.findall(r"<th onclick='sortBy\(this\)'>(.*?)</th>", page)
+    return [dict(zip(head, re.findall(r"<td>(.*?)</td>", row), strict=True))
+            for row in re.findall(r"<tr>(<td>.*?)</tr>", page)]
+
+
+def test_report_reference_scheduler_and_reference_run(tmp_path):
+    from skimage.metrics import peak_signal_noise_ratio
+
+    from runner.record import read_image
+    from runner.report import main
+
+    sweep = fake_sweep(tmp_path / "sweep")  # ddim and euler at 2 and 4 steps, seeds 0 and 1
+    assert main([str(sweep), "--reference-scheduler", "euler", "--out", str(tmp_path / "euler")]) == 0
+    page = (tmp_path / "euler" / "report.html").read_text()
+    assert "reference: euler at 4 steps" in page
+    rows = report_table(page)
+    assert {(r["ref_scheduler"], r["ref_steps"]) for r in rows} == {("euler", "4")}
+    assert sorted((r["scheduler"], r["steps"]) for r in rows if r["psnr_to_ref"] == "inf") == [("euler", "4")] * 2
+
+    # a separate reference run, e.g. ddim at more steps than the sweep has: its image of the same content
+    reference = fake_sweep(tmp_path / "ddim-8", schedulers=("ddim",), steps=(8,))
+    assert main([str(sweep), "--reference", str(reference), "--reference-scheduler", "ddim", "--out",
+                 str(tmp_path / "ref")]) == 0
+    page = (tmp_path / "ref" / "report.html").read_text()
+    assert "reference: ddim at 8 steps" in page
+    rows = report_table(page)
+    assert len(rows) == 8 and {(r["ref_scheduler"], r["ref_steps"]) for r in rows} == {("ddim", "8")}
+    for row in rows:  # PSNR to the reference run's image of the same seed, as scikit-image computes it
+        ours = read_image(sweep / row["job"] / "images" / row["image"])
+        theirs = read_image(reference / "0" / "images" / row["image"])
+        assert row["psnr_to_ref"] == f"{peak_signal_noise_ratio(theirs, ours, data_range=255):.4g}"

@@ -1,9 +1,11 @@
+import re
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -15,6 +17,7 @@ def run_reproduce(*args, cwd):
                           text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_reproduce_a_moved_sweep_from_elsewhere(small_sweep, tmp_path):
     moved = tmp_path / "archive" / "sweep"
     shutil.copytree(small_sweep, moved)  # results moved after the run: only paths inside the run are used
@@ -29,6 +32,7 @@ def test_reproduce_a_moved_sweep_from_elsewhere(small_sweep, tmp_path):
     assert list(new_rows["config_hash"]) == list(old_rows["config_hash"])
 
 
+@pytest.mark.slow
 def test_reproduce_reports_differences_and_environment(small_sweep, tmp_path):
     job = tmp_path / "job"
     shutil.copytree(small_sweep / "0", job)
@@ -50,12 +54,26 @@ def test_reproduce_reports_differences_and_environment(small_sweep, tmp_path):
     assert "0/1 job(s) reproduced identically" in result.stdout
 
 
+@pytest.mark.slow
+def test_reproduce_writes_to_its_default_out_under_the_current_directory(small_sweep, tmp_path):
+    job = small_sweep / "2"
+    result = run_reproduce(job, cwd=tmp_path)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "1/1 job(s) reproduced identically" in result.stdout
+    out, = (tmp_path / "results" / "reproduce").iterdir()  # results/reproduce/<time>/
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", out.name)
+    new_rows = pd.read_parquet(out / "rows.parquet")
+    assert list(new_rows["image_sha256"]) == list(pd.read_parquet(job / "rows.parquet")["image_sha256"])
+    assert all((out / p).is_file() for p in new_rows["image_path"])
+
+
 def test_reproduce_bad_path(tmp_path):
     result = run_reproduce(tmp_path / "missing", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip() == f"error: path={str(tmp_path / 'missing')!r} is not allowed: a job dir or a sweep dir"
 
 
+@pytest.mark.slow
 def test_plain_hydra_reruns_a_saved_job_config(small_sweep, tmp_path):
     job = small_sweep / "1"
     saved = OmegaConf.load(job / ".hydra" / "config.yaml")

@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from runner import results
 from runner.columns import CONVERGENCE_COLUMNS
@@ -13,6 +14,7 @@ from runner.record import write_table
 from tests.conftest import fake_sweep, read_png, run_job_in
 
 
+@pytest.mark.slow
 def test_load_several_sweeps_pivot_and_best(small_sweep, tmp_path):
     moved = tmp_path / "moved_sweep"
     shutil.copytree(small_sweep, moved)  # a second sweep, and a results tree that was moved
@@ -36,6 +38,7 @@ def test_load_several_sweeps_pivot_and_best(small_sweep, tmp_path):
     assert len(sharpest) == 4
 
 
+@pytest.mark.slow
 def test_convergence_columns_written_at_multirun_end(small_sweep):
     df = pd.read_parquet(small_sweep / "results.parquet")
     assert set(df["ref_scheduler"]) == {"ddim"} and set(df["ref_steps"]) == {4}
@@ -53,6 +56,7 @@ def test_convergence_columns_written_at_multirun_end(small_sweep):
     assert np.isclose(row["psnr_to_ref"], 10 * np.log10(255**2 / np.mean((a - b) ** 2)))
 
 
+@pytest.mark.slow
 def test_convergence_against_a_separate_reference_run(small_sweep, tmp_path):
     run_job_in(tmp_path, "scheduler=ddim", "steps=6", "seed=[0,1]")
     df = add_convergence(results.load(small_sweep), reference=tmp_path)
@@ -60,6 +64,7 @@ def test_convergence_against_a_separate_reference_run(small_sweep, tmp_path):
     assert np.isfinite(df["psnr_to_ref"]).all()  # no image of the sweep is the reference itself
 
 
+@pytest.mark.slow
 def test_grid_pages_xyz_split_and_failed_cell(small_sweep):
     df = results.load(small_sweep)
     pages = grid_pages(df, "scheduler", "steps", "seed")

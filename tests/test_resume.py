@@ -28,6 +28,10 @@ def test_a_job_cut_short_keeps_its_drawn_images_and_draws_only_the_rest(tmp_path
 
 def test_images_of_another_config_are_not_kept(tmp_path):
     first = run_job_in(tmp_path, "seed=[0,1]", "steps=3")
+    images = [tmp_path / r["image_path"] for r in first]
+    before = [(sha(p), p.stat().st_mtime_ns) for p in images]
     (tmp_path / "rows.parquet").unlink()
     changed = run_job_in(tmp_path, "seed=[0,1]", "steps=3", "guidance=2")
-    assert [r["image_sha256"] for r in changed] != [r["image_sha256"] for r in first]
+    assert [tmp_path / r["image_path"] for r in changed] == images  # the same file names, each drawn again
+    for path, row, (old_sha, old_mtime) in zip(images, changed, before, strict=True):
+        assert row["image_sha256"] == sha(path) != old_sha and path.stat().st_mtime_ns != old_mtime

@@ -1,5 +1,6 @@
 """Faults and bad input: nothing finished is lost, nothing unfinished is counted."""
 
+import errno
 import logging
 import os
 import shutil
@@ -79,6 +80,7 @@ def test_config_with_a_forbidden_target_is_refused_before_it_runs(tmp_path):
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_a_failing_point_is_recorded_and_a_resume_runs_only_it(tmp_path):
     sweep = tmp_path / "sweep"
     args = ("-m", "scheduler=ddpm,unipc,lms", "steps=3", f"hydra.sweep.dir={sweep}")
@@ -89,6 +91,9 @@ def test_a_failing_point_is_recorded_and_a_resume_runs_only_it(tmp_path):
     table = pd.read_parquet(sweep / "results.parquet")
     assert list(table.sort_values("job_num").status) == ["ok", "failed", "ok"]
     assert "OutOfMemoryError: CUDA out of memory" in table.set_index("scheduler").error["unipc"]
+    traceback = (sweep / "1" / "error.txt").read_text()  # the failed point's traceback, in its job dir
+    assert traceback.startswith("Traceback") and "OutOfMemoryError: CUDA out of memory" in traceback
+    assert not (sweep / "0" / "error.txt").exists()
     first_png = next((sweep / "0" / "images").glob("*.png"))
     mtime = first_png.stat().st_mtime_ns
 
@@ -100,6 +105,7 @@ def test_a_failing_point_is_recorded_and_a_resume_runs_only_it(tmp_path):
     assert first_png.stat().st_mtime_ns == mtime  # finished points untouched
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fault", ["exit-in-import", "exit-in-load"])
 def test_an_exit_during_a_library_import_ends_the_job_as_an_exit_not_a_failed_point(tmp_path, fault):
     # submitit's preemption handler requeues the SLURM job, then calls sys.exit; landing while an import creates a
@@ -113,6 +119,7 @@ def test_an_exit_during_a_library_import_ends_the_job_as_an_exit_not_a_failed_po
     assert "Error calling __set_name__" not in result.stdout + result.stderr
 
 
+@pytest.mark.slow
 def test_a_full_disk_fails_the_point_and_keeps_earlier_rows(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli("-m", "scheduler=ddpm,unipc,lms", "steps=3", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
@@ -125,58 +132,132 @@ def test_a_full_disk_fails_the_point_and_keeps_earlier_rows(tmp_path):
     assert len(pd.read_parquet(sweep / "0" / "rows.parquet")) == 1  # earlier rows intact
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
-def test_atomic_write_on_a_really_full_filesystem_keeps_the_old_file(tmp_path):
-    from runner.record import atomic_write_bytes
-
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB filesystem (tmpfs), mounted for the test: filling it gives the kernel's own ENOSPC."""
+    if os.geteuid() != 0 or not shutil.which("mount"):
+        pytest.skip("mounting a tmpfs needs root")
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode != 0:
         pytest.skip("tmpfs mount refused here")
     try:
-        atomic_write_bytes(disk / "rows.parquet", b"old rows")
-        with pytest.raises(OSError, match="No space left"):
-            atomic_write_bytes(disk / "rows.parquet", b"x" * 200_000)
-        assert (disk / "rows.parquet").read_bytes() == b"old rows"
-        assert [p.name for p in disk.iterdir()] == ["rows.parquet"]  # no temp file left behind
+        yield disk
     finally:
-        subprocess.run(["umount", str(disk)])
+        subprocess.run(["umount", str(disk)], check=True)
 
 
+def fill(disk: Path) -> Path:
+    """Write one file until the filesystem has no byte left; returns it (delete it to free the space)."""
+    filler = disk / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while True:
+            os.write(fd, bytes(4096))
+    except OSError as err:
+        assert err.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+def test_atomic_write_on_a_really_full_filesystem_keeps_the_old_file(small_disk):
+    from runner.record import atomic_write_bytes
+
+    atomic_write_bytes(small_disk / "rows.parquet", b"old rows")
+    with pytest.raises(OSError, match="No space left"):
+        atomic_write_bytes(small_disk / "rows.parquet", b"x" * 2_000_000)
+    assert (small_disk / "rows.parquet").read_bytes() == b"old rows"
+    assert [p.name for p in small_disk.iterdir()] == ["rows.parquet"]  # no temp file left behind
+
+
+def test_a_really_full_disk_fails_the_point_and_leaves_earlier_files_intact(small_disk):
+    earlier = run_job_in(small_disk / "0", "model=tiny-sd", "steps=2", "seed=[0,1]")
+    assert [r["status"] for r in earlier] == ["ok", "ok"]
+    files = {p: p.read_bytes() for p in (small_disk / "0").rglob("*") if p.is_file()}
+    filler = fill(small_disk)
+
+    rows = run_job_in(small_disk / "1", "model=tiny-sd", "steps=2", "seed=[0,1]")
+    assert [r["status"] for r in rows] == ["failed", "failed"]
+    assert all("No space left on device" in r["error"] for r in rows)
+    assert {p: p.read_bytes() for p in (small_disk / "0").rglob("*") if p.is_file()} == files  # intact
+    assert not [p for p in small_disk.rglob("*") if p.is_file() and p.name.endswith(".tmp")]  # no half-written file
+    assert not list((small_disk / "1").glob("images/*.png"))
+
+    filler.unlink()  # space again: the point runs
+    assert [r["status"] for r in run_job_in(small_disk / "1", "model=tiny-sd", "steps=2", "seed=[0,1]")] == ["ok"] * 2
+
+
+@pytest.mark.slow
 def test_sigkill_mid_sweep_then_resume_gives_exactly_the_right_rows(tmp_path):
     sweep = tmp_path / "sweep"
+    # one image per batch: the PNGs land one by one, so the kill can fall inside a job
     args = [sys.executable, "-m", "runner", "-m", "scheduler=ddpm,unipc,lms,euler", "seed=[0,1]", "steps=40",
-            f"hydra.sweep.dir={sweep}"]
+            "sampling.batch_size=1", "device=cpu", f"hydra.sweep.dir={sweep}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and len(list(sweep.glob("*/images/*.png"))) < 3:
+    deadline = time.monotonic() + 300
+    while len(list(sweep.glob("*/images/*.png"))) < 3:
+        ended = process.poll() is not None
+        if ended or time.monotonic() > deadline:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            pytest.fail(f"the sweep drew fewer than 3 images before it {'ended' if ended else 'timed out'}")
         time.sleep(0.05)
     os.killpg(process.pid, signal.SIGKILL)
-    process.wait()
+    assert process.wait(timeout=30) == -signal.SIGKILL  # killed mid-sweep, not finished
     # nothing torn under a final name: every PNG and parquet that exists reads whole
-    for png in sweep.glob("*/images/*.png"):
+    drawn = {png: (png.stat().st_mtime_ns, png.read_bytes()) for png in sweep.glob("*/images/*.png")}
+    for png in drawn:
         Image.open(png).load()
     for parquet in sweep.rglob("*.parquet"):
         pd.read_parquet(parquet)
     assert not (sweep / "results.parquet").exists()
+    cut_short = [png for png in drawn if not (png.parent.parent / "rows.parquet").exists()]
+    assert cut_short, "the kill fell between jobs: no job was cut short"
 
     resumed = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr
+    assert "already drawn for this config: kept" in resumed.stdout + resumed.stderr
     table = pd.read_parquet(sweep / "results.parquet")
     assert len(table) == 8 and (table.status == "ok").all()
     assert sorted(zip(table.scheduler, table.seed)) == sorted((s, i) for s in ("ddpm", "unipc", "lms", "euler") for i in (0, 1))
+    for png, (mtime, data) in drawn.items():  # kept, not drawn again: neither rewritten nor changed
+        assert png.stat().st_mtime_ns == mtime and png.read_bytes() == data, png
+    assert len(set(table.image_sha256)) == 8
 
 
+# `python -m runner ARGS` with Hydra's clock stopped at one second: its `${now:...}` resolver reads this datetime
+FROZEN_CLOCK = """
+import runpy, sys
+from datetime import datetime
+
+import hydra.core.utils
+
+
+class Frozen(datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2026, 1, 2, 3, 4, 5)
+
+
+hydra.core.utils.datetime = Frozen
+sys.argv = ["runner", *sys.argv[1:]]
+runpy.run_module("runner", run_name="__main__", alter_sys=True)
+"""
+
+
+@pytest.mark.slow
 def test_two_sweeps_started_in_the_same_second_get_their_own_dirs(tmp_path):
-    command = [sys.executable, "-m", "runner", "-m", "scheduler=ddpm,unipc", "steps=2"]
+    command = [sys.executable, "-c", FROZEN_CLOCK, "-m", "scheduler=ddpm,unipc", "steps=2", "device=cpu"]
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     processes = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                  for _ in range(2)]
     for p in processes:
-        assert p.wait(timeout=300) == 0
+        assert p.wait(timeout=300) == 0, p.stderr.read()
     sweeps = sorted((tmp_path / "results" / "sweeps").iterdir())
-    assert len(sweeps) == 2
+    assert [s.name for s in sweeps] == sorted(f"2026-01-02_03-04-05_{p.pid}" for p in processes)  # same second
     for sweep in sweeps:
-        assert len(pd.read_parquet(sweep / "results.parquet")) == 2
+        table = pd.read_parquet(sweep / "results.parquet")
+        assert len(table) == 2 and set(table.scheduler) == {"ddpm", "unipc"} and (table.status == "ok").all()

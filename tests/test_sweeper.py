@@ -1,6 +1,7 @@
 """Sweep ordering (jobs of one model back to back, each model loaded once) and dry runs, through the CLI."""
 
 import pandas as pd
+import pytest
 from hydra.core.override_parser.overrides_parser import OverridesParser
 
 from hydra_plugins.runner_sweeper.ordered_sweeper import ModelOrderedSweeper
@@ -17,6 +18,7 @@ def test_model_axis_varies_slowest():
                                          ["scheduler=euler", "guidance=3"], ["scheduler=euler", "guidance=7"]]
 
 
+@pytest.mark.slow
 def test_sweep_over_models_and_schedulers_loads_each_model_once(tmp_path):
     # the model axis comes last on the command line: Hydra's basic sweeper would alternate the models
     result = run_cli("-m", "scheduler=ddim,euler", "model=tiny-sd,tiny-ddpm", "steps=2", "sampling.progress=false",
@@ -46,6 +48,7 @@ def test_sweep_over_models_and_schedulers_loads_each_model_once(tmp_path):
     assert lines[-1].startswith("total: 12 image(s), about ")
 
 
+@pytest.mark.slow
 def test_single_run_dry_run_writes_nothing(tmp_path):
     result = run_cli("dry_run=true", "seed=[1,2,3]", "steps=7", "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -53,6 +56,7 @@ def test_single_run_dry_run_writes_nothing(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_lists_bad_points_without_stopping(tmp_path):
     result = run_cli("-m", "steps=2,0", "dry_run=true", "dry_run_results=nowhere", "hydra.sweep.dir=dry", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
