@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +68,17 @@ def scheduler_by_hand(model_config: dict, option: str, **overrides):
 def scheduler_for(pipe, option, **overrides):
     """The option's scheduler for a pipeline, from the model's own scheduler config (saved on the pipe)."""
     return scheduler_by_hand(pipe.model_scheduler_config, option, **overrides)
+
+
+@contextmanager
+def unet_rows(unet):
+    """The batch rows of every forward pass of `unet` while inside, as a list (a CFG pair shows as two per image)."""
+    rows = []
+    handle = unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    try:
+        yield rows
+    finally:
+        handle.remove()
 
 
 def run_cli(*args, cwd, timeout=300, env=None):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import VP_SCHEDULERS, unet_rows
 from runner import embedded_model_path
 from runner.families.sdxl import FAMILY
 from runner.sampling import Tally
@@ -21,21 +22,9 @@ MODEL = embedded_model_path("tiny-sdxl")
 STEPS = 5
 PROMPT, NEGATIVE = "a red cube on a table", "blurry"
 
-# Each option's class and kwargs, written out here rather than read from conf/scheduler: the test must not share
-# the runner's mapping to check it.
-SCHEDULERS = {
-    "ddpm": ("DDPMScheduler", {}),
-    "ddim": ("DDIMScheduler", {}),
-    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
-    "lms": ("LMSDiscreteScheduler", {}),
-    "euler": ("EulerDiscreteScheduler", {}),
-    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
-    "heun": ("HeunDiscreteScheduler", {}),
-    "dpmpp_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
-    "dpmpp_2m_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2,
-                                                        "use_karras_sigmas": True}),
-    "unipc": ("UniPCMultistepScheduler", {}),
-}
+# Each option's class and kwargs as written by hand in conftest (not read from conf/scheduler: the test must not share
+# the runner's mapping to check it). `default` is the model's own class, covered by the options it names.
+SCHEDULERS = {option: mapping for option, mapping in VP_SCHEDULERS.items() if option != "default"}
 # Model evaluations per image: one per step, except Heun (a second-order correction on all but the last step) and
 # PLMS without Runge-Kutta warm-up (its first step is evaluated twice).
 NFE = {"heun": 2 * STEPS - 1, "pndm": STEPS + 1}
@@ -116,17 +105,6 @@ def assert_same_image(ours_image, theirs_image):
     assert ours_image.shape == theirs_image.shape
     diff = np.abs(ours_image.astype(int) - theirs_image.astype(int)).max()
     assert diff <= 1, f"max pixel difference {diff}/255"
-
-
-@contextmanager
-def unet_rows(unet):
-    """The batch rows of every UNet forward while inside."""
-    rows = []
-    handle = unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
-    try:
-        yield rows
-    finally:
-        handle.remove()
 
 
 @pytest.mark.parametrize("option", SCHEDULERS)

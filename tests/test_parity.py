@@ -4,14 +4,13 @@ Bound: max pixel difference <= 1/255 on CPU fp32, images compared as the uint8 P
 """
 
 import inspect
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import VP_SCHEDULERS, compose_config, read_png, run_job_in, scheduler_for
+from conftest import VP_SCHEDULERS, compose_config, read_png, run_job_in, scheduler_for, unet_rows
 from runner import embedded_model_path
 
 SCHEDULERS = list(VP_SCHEDULERS)  # every option for Stable Diffusion and DDPM models
@@ -67,19 +66,12 @@ def test_text_to_image_matches_stable_diffusion_pipeline(option, sd_pipe, tmp_pa
     assert_same_image(image, to_uint8(theirs))
 
 
-@contextmanager
 def unet_batch_rows():
-    """The batch size of every forward pass of the UNet the runner draws with (its cached tiny-sd), as a list."""
+    """unet_rows of the UNet the runner draws tiny-sd with (its cached components)."""
     from runner.components import load_components
     from runner.spec import make_spec
 
-    unet = load_components(make_spec(compose_config("model=tiny-sd", "device=cpu")))[0].denoiser
-    rows = []
-    hook = unet.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
-    try:
-        yield rows
-    finally:
-        hook.remove()
+    return unet_rows(load_components(make_spec(compose_config("model=tiny-sd", "device=cpu")))[0].denoiser)
 
 
 @pytest.mark.parametrize("guidance", [1, 0.5, 0])
