@@ -4,11 +4,14 @@ Pure functions of modules, a scheduler and per-image CPU generators. They know n
 """
 
 import inspect
+import logging
 from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
+
+log = logging.getLogger("runner")
 
 
 def latent_scale(vae_config) -> int:
@@ -33,9 +36,14 @@ def step_kwargs(scheduler, generators, eta: float) -> dict:
     return kwargs
 
 
-def tokens_dropped(tokenizer, prompt: str) -> int:
-    """How many tokens of a prompt fall past the tokenizer's limit (they are truncated)."""
-    return max(0, len(tokenizer(prompt).input_ids) - tokenizer.model_max_length)
+def warn_truncated(tokenizer, prompts, limit: int | None = None) -> None:
+    """The pipelines truncate prompts past a tokenizer's limit; say so once per prompt, as they do."""
+    limit = limit or tokenizer.model_max_length
+    for prompt in dict.fromkeys(prompts):
+        dropped = len(tokenizer(prompt).input_ids) - limit
+        if dropped > 0:
+            log.warning(f"  prompt is {dropped} token(s) longer than the tokenizer's limit of {limit}; "
+                        f"they are dropped: {prompt[:60]!r}…")
 
 
 @torch.no_grad()
@@ -82,3 +90,20 @@ def denoise(scheduler, latents, timesteps, predict_noise, extra, progress, timer
             with timed(timer, "scheduler"):
                 latents = scheduler.step(noise_pred, t, latents, **extra, return_dict=False)[0]
     return latents
+
+
+class PromptCache:
+    """Text embeddings computed once per distinct prompt within a job, for every family: `encode(prompts)` returns
+    a tuple of batch-first tensors (hidden states, pooled ...); calling the cache returns that tuple for any list
+    of prompts, timed as `encode`."""
+
+    def __init__(self, encode, timer):
+        self.encode, self.timer, self.cache = encode, timer, {}
+
+    def __call__(self, prompts: list[str]) -> tuple:
+        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
+        if missing:
+            with self.timer("encode"):
+                encoded = self.encode(missing)
+            self.cache.update({p: tuple(t[i] for t in encoded) for i, p in enumerate(missing)})
+        return tuple(torch.stack(parts) for parts in zip(*(self.cache[p] for p in prompts)))

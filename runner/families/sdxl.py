@@ -15,12 +15,8 @@ torch and runner.sampling are imported inside the methods: recognising a model a
 load torch.
 """
 
-import logging
-
 from runner.checks import fail
 from runner.families.base import Components, Family
-
-log = logging.getLogger("runner")
 
 SIZE_OPTIONS = {"original_size": "null or [height, width] of positive integers",
                 "crops_coords_top_left": "null or [top, left] of non-negative integers",
@@ -69,20 +65,16 @@ class PromptEmbeddings:
 
     def __init__(self, components: Components, spec, timer):
         from runner.precision import torch_dtype
-        from runner.sampling import tokens_dropped
+        from runner.sampling import PromptCache, warn_truncated
 
-        self.text, self.timer, self.cache = components.text, timer, {}
+        self.text, self.cache = components.text, PromptCache(self._encode, timer)
         self.negative_prompt = spec.negative_prompt
         self.device, self.dtype = spec.device, torch_dtype(spec.dtype)
         # The pipeline zeros the negative side only when no negative prompt is given; the runner's "no negative
         # prompt" is "" (spec.py turns null into ""), so "" takes the zeros here.
         config = getattr(spec, "pipeline_config", None) or {}
         self.zero_negative = not spec.negative_prompt and config.get("force_zeros_for_empty_prompt", True)
-        for prompt in dict.fromkeys((*spec.prompts, spec.negative_prompt)):
-            dropped = max(tokens_dropped(self.text[name], prompt) for name, _ in TEXT)  # one warning, not two
-            if dropped:
-                log.warning(f"  prompt is {dropped} token(s) longer than the tokenizers' limit of "
-                            f"{self.text['tokenizer'].model_max_length}; they are dropped: {prompt[:60]!r}…")
+        warn_truncated(self.text["tokenizer"], (*spec.prompts, spec.negative_prompt))  # both have CLIP's limit
 
     def _encode(self, prompts: list[str]):
         """Both encoders' penultimate hidden states side by side, and text_encoder_2's pooled projection."""
@@ -101,15 +93,7 @@ class PromptEmbeddings:
 
     def __call__(self, prompts: list[str]):
         """(hidden states, pooled) stacked for `prompts`, one row each."""
-        import torch
-
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
-        if missing:
-            with self.timer("encode"):
-                hidden, pooled = self._encode(missing)
-            self.cache.update(zip(missing, zip(hidden, pooled)))
-        rows = [self.cache[p] for p in prompts]
-        return torch.stack([h for h, _ in rows]), torch.stack([p for _, p in rows])
+        return self.cache(prompts)
 
     def negative(self, like):
         """The unconditional side, shaped as `like` (the (hidden, pooled) of a batch): zeros, or the encoded
@@ -137,7 +121,9 @@ class SDXL(Family):
                 and set(classes) <= set(required) | optional)
 
     def size_rule(self, read_config) -> tuple[int, int]:
-        scale = 2 ** (len(read_config("vae")["block_out_channels"]) - 1)
+        from runner.sampling import latent_scale
+
+        scale = latent_scale(read_config("vae"))
         return scale, read_config("unet")["sample_size"] * scale
 
     def check(self, spec) -> None:

@@ -1,12 +1,8 @@
 """Stable Diffusion 1.x/2.x: CLIP text encoder + `UNet2DConditionModel` + `AutoencoderKL`, as
 `StableDiffusionPipeline` (Rombach et al. 2022), and img2img as `StableDiffusionImg2ImgPipeline`."""
 
-import logging
-
 from runner.checks import fail
 from runner.families.base import Components, Family
-
-log = logging.getLogger("runner")
 
 
 class StableDiffusion(Family):
@@ -44,7 +40,13 @@ class StableDiffusion(Family):
                                 "text_encoder": load(transformers.CLIPTextModel, "text_encoder")})
 
     def prepare(self, components, spec, timer):
-        return {"embeds": TextEmbeddings(components, spec, timer), "init_image": load_init_image(spec)}
+        """Prompt embeddings, computed once per distinct prompt within the job, and the img2img start image."""
+        from runner.sampling import PromptCache, encode_prompts, warn_truncated
+
+        tokenizer, text_encoder = components.text["tokenizer"], components.text["text_encoder"]
+        warn_truncated(tokenizer, spec.prompts + (spec.negative_prompt,))
+        cache = PromptCache(lambda prompts: (encode_prompts(tokenizer, text_encoder, prompts),), timer)
+        return {"embeds": lambda prompts: cache(prompts)[0], "init_image": load_init_image(spec)}
 
     def sample(self, components, scheduler, spec, prompts, generators, state, timer, tally):
         embeds = state["embeds"]
@@ -73,33 +75,6 @@ class StableDiffusion(Family):
 def uses_cfg(unet, guidance: float) -> bool:
     """Classifier-free guidance runs an unconditional pass beside the conditional one, as the pipeline decides."""
     return guidance > 1 and unet.config.time_cond_proj_dim is None
-
-
-class TextEmbeddings:
-    """Prompt embeddings, computed once per distinct prompt within a job."""
-
-    def __init__(self, components, spec, timer):
-        from runner.sampling import tokens_dropped
-
-        self.tokenizer, self.text_encoder = components.text["tokenizer"], components.text["text_encoder"]
-        self.timer, self.cache = timer, {}
-        for prompt in dict.fromkeys(spec.prompts + (spec.negative_prompt,)):
-            dropped = tokens_dropped(self.tokenizer, prompt)
-            if dropped:
-                log.warning(f"  prompt is {dropped} token(s) longer than the tokenizer's limit of "
-                            f"{self.tokenizer.model_max_length}; they are dropped: {prompt[:60]!r}…")
-
-    def __call__(self, prompts: list[str]):
-        import torch
-
-        from runner.sampling import encode_prompts
-
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
-        if missing:
-            with self.timer("encode"):
-                encoded = encode_prompts(self.tokenizer, self.text_encoder, missing)
-            self.cache.update(zip(missing, encoded))
-        return torch.stack([self.cache[p] for p in prompts])
 
 
 def load_init_image(spec):

@@ -145,7 +145,7 @@ def scrub(text: str) -> str:
 
 def _settings(wandb, timeout_s: float):
     # No system metrics sampler, git/code capture or console mirroring: light, and nothing private leaves the job.
-    # No pip freeze either: reading every installed package's metadata was 90% of an init (0.1 s a job on CPU);
+    # No pip freeze either: reading every installed package's metadata was most of an init (README, W&B);
     # the versions that matter go into the run's config as env.* (ENV_CONFIG_COLUMNS).
     return wandb.Settings(init_timeout=timeout_s, x_disable_meta=True, x_disable_stats=True, disable_git=True,
                           disable_code=True, save_code=False, console="off", silent=True, x_save_requirements=False)
