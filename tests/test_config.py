@@ -122,7 +122,7 @@ def test_directory_without_model_index_and_unsupported_family(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline", '
                                                '"unet": ["diffusers", "UNet2DConditionModel"], '
                                                '"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}')
-    with pytest.raises(ConfigError, match="not a supported family; supported: unconditional .* text-to-image"):
+    with pytest.raises(ConfigError, match="not a supported family; supported: unconditional .* stable-diffusion .* sdxl .* sd3 .* flux"):
         make_spec(compose_config(f"model.name_or_path={tmp_path}"))
 
 

@@ -108,7 +108,8 @@ class PromptEmbeddings:
 class SDXL(Family):
     name = "sdxl"
     pipeline = "StableDiffusionXLPipeline"
-    summary = "Stable Diffusion XL (two CLIP text encoders, UNet, VAE: model_index.json as StableDiffusionXLPipeline)"
+    summary = ("CLIPTextModel + CLIPTextModelWithProjection + UNet2DConditionModel + AutoencoderKL, "
+               "like StableDiffusionXLPipeline")
     options_key = "sdxl"
 
     def recognise(self, classes: dict[str, str]) -> bool:
