@@ -37,8 +37,9 @@ def multirun_overrides(sweep_dir: Path) -> list[str]:
 
 
 @functools.lru_cache(maxsize=64)
-def typed_sweep(sweep_dir: str) -> dict[str, tuple]:
-    """{key: its values in the order typed} for every swept or list-valued key of a sweep (not hydra.*)."""
+def typed_sweep(sweep_dir: str, modified: float | None = None) -> dict[str, tuple]:
+    """{key: its values in the order typed} for every swept or list-valued key of a sweep (not hydra.*); cached
+    per sweep dir and multirun.yaml's modification time."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -65,7 +66,8 @@ def typed_order(df) -> dict[str, list[str]]:
     order: dict[str, list[str]] = {}
     sweep_dirs = df["sweep_dir"] if "sweep_dir" in df else []
     for sweep_dir in dict.fromkeys(s for s in sweep_dirs if isinstance(s, str) and s):
-        for key, values in typed_sweep(sweep_dir).items():
+        path = Path(sweep_dir) / "multirun.yaml"
+        for key, values in typed_sweep(sweep_dir, path.stat().st_mtime if path.is_file() else None).items():
             known = order.setdefault(key, [])
             known += [v for v in values if v not in known]
     return order
@@ -172,7 +174,7 @@ def first_image_size(df) -> tuple[int, int] | None:
         return image.size
 
 
-def cell_images(df, columns, rows, column_values, row_values) -> dict:
+def cell_images(df, columns, rows) -> dict:
     """{(row value, column value): the first ok row of that cell, as a dict}."""
     ok = df[df["status"] == "ok"] if "status" in df else df
     cells = {}
@@ -263,7 +265,7 @@ def grid_image(df, columns: str | None, rows: str | None, cell: int | None = Non
     grid = Image.new("RGB", (plan.width, plan.height), "white")
     draw = ImageDraw.Draw(grid)
     draw_labels(draw, plan, columns, rows)
-    cells = cell_images(df, columns, rows, column_values, row_values)
+    cells = cell_images(df, columns, rows)
     step_x, step_y = plan.cell_w + plan.gutter, plan.cell_h + plan.caption_h + plan.gutter
     for i, rv in enumerate(row_values):
         for j, cv in enumerate(column_values):

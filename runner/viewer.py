@@ -211,25 +211,23 @@ def table_columns(df) -> tuple[list[str], list[str]]:
     return shown, hidden
 
 
-def viewer_data(df, out: Path, title: str) -> tuple[dict, list[str]]:
+def viewer_data(df, out: Path) -> tuple[dict, list[str]]:
     """The viewer's document for these rows, and the files it placed under `out` (relative paths)."""
     df = add_override_axes(df.reset_index(drop=True))
     df = df.assign(job=[Path(p).name for p in df["job_dir"]],
                    image=[Path(p).name if isinstance(p, str) and p else "" for p in df["image_path"]])
     folders = job_folders(df)
-    jobs, job_index = [], {}
+    jobs, job_index, redraw = [], {}, {}
     for job_dir in df["job_dir"].unique():
         job_index[job_dir] = len(jobs)
         first = df[df["job_dir"] == job_dir].iloc[0]
         typed = job_overrides(job_dir)
-        jobs.append({"name": Path(job_dir).name, "schedule": schedule_of(job_dir), "overrides": typed,
-                     "redraw": redrawn_overrides(typed) if typed else None,
-                     **{c: json_value(first[c]) for c in JOB_LEVEL_COLUMNS if c in df}})
+        redraw[job_dir] = redrawn_overrides(typed) if typed else None
+        jobs.append({"schedule": schedule_of(job_dir), **{c: json_value(first[c]) for c in JOB_LEVEL_COLUMNS if c in df}})
     images, placed, commands = [], [], []
     for row in df.to_dict("records"):
         path = row.get("image_path")
-        job = jobs[job_index[row["job_dir"]]]
-        commands.append(redraw_command(row, job["redraw"]) if row.get("status") == "ok" else None)
+        commands.append(redraw_command(row, redraw[row["job_dir"]]) if row.get("status") == "ok" else None)
         if row.get("status") != "ok" or not isinstance(path, str) or not path or not Path(path).is_file():
             images.append(None)
             continue
@@ -241,7 +239,6 @@ def viewer_data(df, out: Path, title: str) -> tuple[dict, list[str]]:
     axes = viewer_axes(df)
     shown, hidden = table_columns(df)
     data = {
-        "title": title,
         "axes": axes,
         "default_axes": dict(zip(("x", "y", "page"), [*default_order(axes), None, None, None])),
         "rows": {"columns": columns, "data": [[json_value(v) for v in r] for r in df[columns].itertuples(index=False)]},
@@ -253,7 +250,6 @@ def viewer_data(df, out: Path, title: str) -> tuple[dict, list[str]]:
         "captions": [c for c in VIEWER_CAPTION_COLUMNS if c in df and df[c].notna().any()],
         "lower_is_better": [c for c in LOWER_IS_BETTER if c in df],
         "detail": detail_groups(df),
-        "thumb_size": THUMB_SIZE,
     }
     return data, placed
 

@@ -149,6 +149,20 @@ def test_axis_values_in_the_order_typed_numbers_numerically(tmp_path):
                     {"key": "seed", "values": [0, 1]}]
 
 
+def test_a_swept_key_that_is_no_column_is_an_axis_read_from_the_jobs_overrides(tmp_path):
+    from runner import results
+    from runner.viewer import add_override_axes, viewer_axes
+
+    sweep = fake_sweep(tmp_path / "sweep", schedulers=("euler",), steps=(2, 4))
+    (sweep / "multirun.yaml").write_text("hydra:\n  overrides:\n    task:\n"
+                                         "    - +scheduler.kwargs.use_karras_sigmas=true,false\n")
+    for job, karras in (("0", "true"), ("1", "false")):  # as Hydra writes each job's overrides
+        (sweep / job / ".hydra").mkdir()
+        (sweep / job / ".hydra" / "overrides.yaml").write_text(f"- +scheduler.kwargs.use_karras_sigmas={karras}\n")
+    axes = {a["key"]: a["values"] for a in viewer_axes(add_override_axes(results.load(sweep)))}
+    assert axes["scheduler.kwargs.use_karras_sigmas"] == [True, False]
+
+
 def test_redraw_command_quotes_what_hydra_needs(tmp_path):
     from hydra.core.override_parser.overrides_parser import OverridesParser
     import shlex

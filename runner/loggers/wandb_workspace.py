@@ -60,7 +60,7 @@ def build_workspace(entity: str, project: str, group: str, quality: list[str], n
     return ws.Workspace(
         entity=entity, project=project, name=name or f"sweep {group}", sections=sections,
         settings=ws.WorkspaceSettings(max_runs=max(10, n_runs)),
-        runset_settings=ws.RunsetSettings(filters=[ws.Metric("Group") == group, ws.Metric("JobType") == "job"],
+        runset_settings=ws.RunsetSettings(filters=ws.And(ws.Metric("Group") == group, ws.Metric("JobType") == "job"),
                                           groupby=[ws.Config(GROUP_BY)]))
 
 
@@ -104,9 +104,10 @@ def main(argv=None) -> int:
         import wandb
 
         entity = wandb.Api().default_entity
-    workspace = build_workspace(entity or "<your entity>", args.project or settings.get("project") or "diffusion-runner",
-                                group_name({"sweep_dir": str(args.sweep.resolve()), "job_dir": ""}),
-                                quality_metrics(df), df["job_dir"].nunique(), args.name)
+    project = args.project or settings.get("project") or "diffusion-runner"
+    group = group_name({"sweep_dir": str(args.sweep.resolve()), "job_dir": ""})
+    workspace = build_workspace(entity or "<your entity>", project, group, quality_metrics(df),
+                                df["job_dir"].nunique(), args.name)
     if not online:
         print("W&B is offline (or --dry-run): nothing saved. It would create:")
         print(describe(workspace))

@@ -170,7 +170,8 @@
             if (state.caption) {
               const value = rows[i][state.caption];
               td.append(el('div', { class: 'cap', text: fmtCaption(value) }));
-              if (numeric(value) !== null) cells.push([numeric(value), td]);
+              // ranked by the value as shown: cells that read the same are equally best
+              if (typeof value === 'number') cells.push([Number(fmtCaption(value)), td]);
             }
           } else {
             if (i !== null) td.dataset.row = i;  // a failed point: its detail says why
@@ -372,6 +373,7 @@
     });
   }
   function setMode(mode) {
+    const refit = (view.mode === 'side') !== (mode === 'side');  // one pane or two: the viewport changed size
     view.mode = mode;
     stage.className = mode;
     for (const b of document.querySelectorAll('.modes button')) b.classList.toggle('active', b.dataset.mode === mode);
@@ -388,7 +390,8 @@
     }
     $('wipe').hidden = mode !== 'wipe';
     $('amp-tools').hidden = mode !== 'diff';
-    applyWipe(); applyAmp(); applyView();
+    applyWipe(); applyAmp();
+    if (refit && $('compare').open) fit(); else applyView();
   }
   function applyWipe() {
     const p = Number($('wipe').value);
