@@ -223,7 +223,8 @@ def viewer_data(df, out: Path) -> tuple[dict, list[str]]:
         first = df[df["job_dir"] == job_dir].iloc[0]
         typed = job_overrides(job_dir)
         redraw[job_dir] = redrawn_overrides(typed) if typed else None
-        jobs.append({"schedule": schedule_of(job_dir), **{c: json_value(first[c]) for c in JOB_LEVEL_COLUMNS if c in df}})
+        jobs.append({"schedule": schedule_of(job_dir),
+                     **{c: json_value(first[c]) for c in JOB_LEVEL_COLUMNS if c in df}})
     images, placed, commands = [], [], []
     for row in df.to_dict("records"):
         path = row.get("image_path")

@@ -55,7 +55,8 @@ class Viewer:
 
     def cells(self) -> list[dict]:
         """Every grid cell drawn: its row (a dict), its image's source and size once loaded, its labels."""
-        self.page.wait_for_function("[...document.querySelectorAll('#grid td.cell img')].every(i => i.complete && i.src)")
+        self.page.wait_for_function(
+            "[...document.querySelectorAll('#grid td.cell img')].every(i => i.complete && i.src)")
         found = self.page.evaluate("""[...document.querySelectorAll('#grid td.cell')].map(td => {
             const img = td.querySelector('img'), table = td.closest('table'), tr = td.closest('tr');
             return {row: td.dataset.row === undefined ? null : Number(td.dataset.row),
@@ -118,7 +119,8 @@ def test_switch_axes_and_set_a_filter(viewer):
     page = viewer.page
     page.select_option("#axis-page", "")  # seed off the pages: it becomes a filter
     seed_filter = page.locator("#filters .filter[data-axis=seed] button")
-    assert seed_filter.all_text_contents() == ["0", "1"] and page.locator("#filters button.active").text_content() == "0"
+    assert seed_filter.all_text_contents() == ["0", "1"]
+    assert page.locator("#filters button.active").text_content() == "0"
     cells = viewer.cells()
     assert len(cells) == 4 and {c["values"]["seed"] for c in cells} == {0}
     seed_filter.nth(1).click()
@@ -131,6 +133,10 @@ def test_switch_axes_and_set_a_filter(viewer):
     cells = viewer.cells()
     assert len(cells) == 4 and {c["values"]["scheduler"] for c in cells} == {"ddim"}
     assert all(c["x"] == str(c["values"]["seed"]) and c["y"] == str(c["values"]["steps"]) for c in cells)
+    page.select_option("#axis-y", "seed")  # seed down: the axis it leaves (steps) takes its place across
+    assert page.locator("#axis-x").input_value() == "steps"
+    assert page.locator("th.xlabel").all_text_contents() == ["2", "4"]
+    assert page.locator("th.ylabel").all_text_contents() == ["0", "1"]
     print(f"axis switch redraws (ms): {page.evaluate('window.viewerTimings.renders')}")
 
 
@@ -243,7 +249,8 @@ def test_compare_the_same_cell_of_two_sweeps(browser, small_sweep, tmp_path):
     page.select_option("#with-axis", "sweep")
     page.select_option("#with-value", label="other")
     page.click("#compare-with")
-    assert page.locator("#label-a").text_content() == "sweep=sweep" and page.locator("#label-b").text_content() == "sweep=other"
+    assert page.locator("#label-a").text_content() == "sweep=sweep"
+    assert page.locator("#label-b").text_content() == "sweep=other"
     b_source = page.locator("#vp-b .img-b").get_attribute("src")
     assert page.locator("#vp-a .img-a").get_attribute("src") == viewer.data["images"][cell["row"]]["full"]
     assert b_source.startswith("images/other/") and b_source.endswith("/000_seed0.png")
@@ -253,7 +260,8 @@ def test_compare_the_same_cell_of_two_sweeps(browser, small_sweep, tmp_path):
 def test_charts_are_interactive_plotly(viewer):
     page = viewer.page
     page.click("#tabs button[data-tab=charts]")
-    page.wait_for_function(f"document.querySelectorAll('#charts .js-plotly-plot').length === {len(viewer.data['charts'])}")
+    charts = len(viewer.data["charts"])
+    page.wait_for_function(f"document.querySelectorAll('#charts .js-plotly-plot').length === {charts}")
     sigma = page.locator("#chart-sigma_schedule_chart")
     sigma.locator(".legend .traces").first.click()  # a legend click hides that line
     page.wait_for_function("document.getElementById('chart-sigma_schedule_chart').data[0].visible === 'legendonly'")
@@ -342,10 +350,12 @@ def test_a_thousand_image_sweep_opens_and_switches_axes(browser, tmp_path):
         switches.append(page.evaluate("""([x, y]) => new Promise(resolve => {
             const start = performance.now();
             viewer.setRole('x', x); viewer.setRole('y', y);
-            requestAnimationFrame(() => requestAnimationFrame(() => resolve(performance.now() - start))); })""", [x, y]))
+            requestAnimationFrame(() => requestAnimationFrame(() => resolve(performance.now() - start)));
+          })""", [x, y]))
         labels = page.locator(".page >> nth=0 >> th.xlabel").all_text_contents()
         assert labels == [str(v) for v in next(a["values"] for a in viewer.data["axes"] if a["key"] == x)]
         assert page.locator("#grid td.cell img").count() == 1000
-    print(f"\n1,000-image report written in {written:.1f} s; viewer: first images painted {first_image:.0f} ms after navigation start; "
+    print(f"\n1,000-image report written in {written:.1f} s; viewer: first images painted {first_image:.0f} ms "
+          f"after navigation start; "
           f"axis switch {statistics.median(switches):.0f} ms median ({', '.join(f'{s:.0f}' for s in switches)} ms)")
     viewer.close()
