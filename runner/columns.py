@@ -44,3 +44,13 @@ CONVERGENCE_COLUMNS = ("psnr_to_ref", "ssim_to_ref", "latent_mse_to_ref", "ref_s
 REPORT_COLUMNS = ("sweep", "job", "model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt",
                   "height", "width", "precision", "strength", "status", *IMAGE_METRIC_COLUMNS, *CONVERGENCE_COLUMNS,
                   "nfe", "time_per_image_s", "time_per_step_s", "time_total_s", "device", "gpu", "image", "error")
+# The report's table holds these too, hidden until asked for: long text, paths and hashes.
+REPORT_HIDDEN_COLUMNS = ("config", "overrides", "name", "job_dir", "sweep_dir", "image_path", "latent_path",
+                         "image_sha256", "config_hash", "model_name_or_path", "scheduler_class", "init_image")
+# What the sweep viewer can print under each grid cell (and mark the best of a row by); lower is better for these.
+VIEWER_CAPTION_COLUMNS = (*QUALITY_COLUMNS, "class_confidence", "psnr_to_ref", "ssim_to_ref", "latent_mse_to_ref",
+                          "time_per_image_s", "time_per_step_s", "nfe")
+LOWER_IS_BETTER = ("latent_mse_to_ref", "time_per_image_s", "time_per_step_s", "time_total_s", "nfe")
+# A cell's detail in the viewer: what identifies the image beside its axes, metrics and timings.
+VIEWER_IDENTITY_COLUMNS = ("sweep", "status", "error", "config_hash", "image_sha256", "nfe", "device", "gpu",
+                           "model_name_or_path", "scheduler_class")

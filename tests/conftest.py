@@ -79,7 +79,8 @@ def small_sweep(tmp_path_factory) -> Path:
 def fake_sweep(sweep: Path, schedulers=("ddim", "euler"), steps=(2, 4), seeds=(0, 1)) -> Path:
     """A sweep dir as a sweep leaves it, without a model: one job dir per scheduler and steps, each with a small
     PNG per seed (fewer steps, further from the seed's picture) and its rows.parquet. No results table."""
-    from runner.record import ROWS_FILE, save_image, write_table
+    from runner.jobdir import ROWS_FILE
+    from runner.record import save_image, write_table
 
     for job_num, (scheduler, n_steps) in enumerate((s, n) for s in schedulers for n in steps):
         job_dir = sweep / str(job_num)
