@@ -34,7 +34,7 @@ def draw(spec, job_dir: Path, context: JobContext, listener=None) -> list[dict]:
     from runner.components import load_components
     from runner.families import by_name
     from runner.precision import needs_warm_up, row_columns, set_tf32, warm_up
-    from runner.sampling import Tally
+    from runner.sampling import Tally, set_schedule
     from runner.timing import JobClock
 
     family = by_name(spec.family)
@@ -88,7 +88,7 @@ def draw(spec, job_dir: Path, context: JobContext, listener=None) -> list[dict]:
             rows = add_image_metrics(spec, family, rows, [pictures.get(i) for i in range(len(plan))], job_dir)
         # 6. record
         if not drawn:
-            scheduler.set_timesteps(spec.steps)  # nothing was drawn, so the schedule is set here to record it
+            set_schedule(scheduler, spec)  # nothing was drawn, so the schedule is set here to record it
         schedule = recorded_schedule(spec, family, scheduler)
         write_table(job_dir / SCHEDULE_FILE, schedule)
         times = clock.columns(len(rows), cached, warmed_up)
@@ -165,7 +165,7 @@ def schedule_mu(scheduler) -> float | None:
 def spec_columns(spec) -> dict:
     """runner.columns.SPEC_COLUMNS: the axes as typed (option names, not class names)."""
     s = spec
-    return dict(model=s.model, scheduler=s.scheduler, precision=s.precision, steps=s.steps, guidance=s.guidance,
+    return dict(model=s.model, scheduler=s.scheduler, schedule=s.schedule, precision=s.precision, steps=s.steps, guidance=s.guidance,
                 negative_prompt=s.negative_prompt, height=s.height, width=s.width, device=s.device, dtype=s.dtype,
                 strength=s.strength, init_image=s.init_image or "", scheduler_class=s.scheduler_class or "",
                 model_name_or_path=s.name_or_path, family=s.family)

@@ -60,14 +60,18 @@ def grid_files(df, out: Path) -> list[tuple[str, Path]]:
 
 
 def schedule_plot(df, out: Path) -> Path | None:
-    """Sigma against step, one line per scheduler and steps value (from each job's schedule.csv)."""
+    """Sigma against step, one line per scheduler, schedule (spacing) and steps value (from each job's
+    schedule.csv)."""
     import pandas as pd
 
     curves = {}
-    for (scheduler, steps), rows in df[df["status"] == "ok"].groupby(["scheduler", "steps"], sort=True):
+    ok = df[df["status"] == "ok"]
+    ok = ok.assign(schedule=ok["schedule"].fillna("default")) if "schedule" in ok else ok.assign(schedule="default")
+    for (scheduler, schedule, steps), rows in ok.groupby(["scheduler", "schedule", "steps"], sort=True):
         path = Path(rows["job_dir"].iloc[0]) / SCHEDULE_FILE
         if path.is_file():
-            curves[f"{scheduler}, {steps} steps"] = pd.read_csv(path)
+            spacing = "" if schedule == "default" else f" {schedule}"
+            curves[f"{scheduler}{spacing}, {steps} steps"] = pd.read_csv(path)
     if not curves:
         return None
     plt = _pyplot()

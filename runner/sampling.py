@@ -48,6 +48,24 @@ def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
     return text_encoder(tokens.input_ids.to(device), attention_mask=mask)[0].to(text_encoder.dtype)
 
 
+def set_schedule(scheduler, spec, device=None) -> None:
+    """`scheduler.set_timesteps` for a run: its custom timesteps or sigmas where the schedule axis gave them
+    (schedule=ays, schedule.timesteps=[...], schedule.sigmas=[...]; the spec checked that the scheduler takes them),
+    else its step count. Every family sets its schedule here, so the recorded schedule is the one the loop used."""
+    apply_schedule(scheduler, spec.steps, getattr(spec, "schedule_timesteps", None),
+                   getattr(spec, "schedule_sigmas", None), device)
+
+
+def apply_schedule(scheduler, steps: int, timesteps=None, sigmas=None, device=None) -> None:
+    """As the pipelines' `retrieve_timesteps`: a custom list replaces the step count."""
+    if timesteps is not None:
+        scheduler.set_timesteps(timesteps=list(timesteps), device=device)
+    elif sigmas is not None:
+        scheduler.set_timesteps(sigmas=list(sigmas), device=device)
+    else:
+        scheduler.set_timesteps(steps, device=device)
+
+
 def img2img_start(steps: int, strength: float, order: int) -> int:
     """Index of the first timestep img2img runs: `strength` of the schedule runs, counted from its end."""
     return (steps - min(int(steps * strength), steps)) * order

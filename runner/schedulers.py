@@ -70,3 +70,175 @@ def sigma_schedule(scheduler, flow: bool = False) -> list[dict]:
         log_snr = 2 * np.log((1 - sigmas) / sigmas) if flow else -2 * np.log(sigmas)
     return [{"step": i, "timestep": float(t), "sigma": float(s), "log_snr": float(snr), "sigma_source": source}
             for i, (t, s, snr) in enumerate(zip(timesteps, sigmas, log_snr))]
+
+
+# The schedule axis (conf/schedule/*.yaml): spacings that diffusers' schedulers build themselves from one kwarg.
+SPACING_KWARGS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas"}
+# Align Your Steps lists (diffusers' AysSchedules) by model family: the families they were optimised for.
+AYS_LISTS = {"stable-diffusion": "StableDiffusion", "sdxl": "StableDiffusionXL"}
+
+
+def schedule_options() -> list[str]:
+    from runner import CONF_DIR
+
+    return sorted(path.stem for path in (CONF_DIR / "schedule").glob("*.yaml"))
+
+
+def scheduler_class(class_name: str | None, model_config: dict):
+    import diffusers
+
+    return getattr(diffusers, class_name or model_config["_class_name"])
+
+
+def takes_kwarg(class_name: str, key: str) -> bool:
+    """Whether a scheduler class has `key` in its constructor (from_config drops unknown keys without a word)."""
+    import inspect
+
+    return key in inspect.signature(scheduler_class(class_name, {}).__init__).parameters
+
+
+def list_refusal(model_config: dict, class_name: str | None, kwargs: dict, steps: int, argument: str, values) -> str:
+    """Why a fresh scheduler (no weights: milliseconds) refuses `set_timesteps(argument=values)`, or '' when it
+    takes it. The signature is not enough: UniPC takes sigmas= on flow sigmas only, and says so by raising."""
+    import inspect
+
+    from runner.sampling import apply_schedule
+
+    if argument not in inspect.signature(scheduler_class(class_name, model_config).set_timesteps).parameters:
+        return f"its set_timesteps takes no {argument}="
+    try:
+        apply_schedule(build_scheduler(model_config, class_name, kwargs), steps, **{argument: values})
+    except (ValueError, TypeError) as err:
+        return str(err)
+    return ""
+
+
+def scheduler_options_where(accepts, flow: bool) -> list[str]:
+    """The scheduler options of a kind (VP or flow) for which `accepts(class_name, kwargs)` holds: for messages.
+    The model's own class (option `default`) is left out: it is not known without a model."""
+    from omegaconf import OmegaConf
+
+    from runner import CONF_DIR
+
+    names = []
+    for path in sorted((CONF_DIR / "scheduler").glob("*.yaml")):
+        option = OmegaConf.to_container(OmegaConf.load(path))
+        class_name, kwargs = option.get("class_name"), {k: v for k, v in (option.get("kwargs") or {}).items() if v}
+        if class_name in ALLOWED_SCHEDULERS and is_flow(class_name, kwargs) == flow and accepts(class_name, kwargs):
+            names.append(path.stem)
+    return names
+
+
+def ays_sigmas(family_name: str, steps: int) -> list[float]:
+    """The AYS sigmas for `steps` steps, ending with 0. The published lists have 10 steps; other counts interpolate
+    the non-zero sigmas log-linearly, as ComfyUI's AlignYourStepsScheduler (`loglinear_interp`)."""
+    import numpy as np
+    from diffusers.schedulers import AysSchedules
+
+    published = AysSchedules[AYS_LISTS[family_name] + "Sigmas"]
+    levels = np.array(published[:-1], dtype=np.float64)
+    if steps == len(levels):
+        return list(published)
+    new = np.exp(np.interp(np.linspace(0, 1, steps), np.linspace(0, 1, len(levels)), np.log(levels[::-1])))[::-1]
+    return [*map(float, new), 0.0]
+
+
+def ays_timesteps(family_name: str) -> list[int]:
+    from diffusers.schedulers import AysSchedules
+
+    return list(AysSchedules[AYS_LISTS[family_name] + "Timesteps"])
+
+
+def check_schedule(option: dict, scheduler_name: str, class_name: str | None, kwargs: dict, family,
+                   model_config: dict, steps: int) -> tuple[dict, tuple | None, tuple | None]:
+    """The schedule axis checked against the scheduler, with runner.checks.fail for what cannot run. Returns the
+    scheduler kwargs with the spacing's own kwarg added, and the custom timesteps or sigmas (or None) that
+    runner.sampling.set_schedule passes to set_timesteps. A scheduler that cannot take a spacing is refused,
+    never drawn with its default spacing instead."""
+    from runner.checks import fail
+
+    name, timesteps, sigmas = option.get("name"), option.get("timesteps"), option.get("sigmas")
+    if name not in schedule_options():
+        fail("schedule.name", name, "one of " + ", ".join(schedule_options()))
+    class_name_used = class_name or model_config["_class_name"]
+    label = f"scheduler={scheduler_name} ({class_name_used})"
+    spacing_set = [k for k in SPACING_KWARGS.values() if kwargs.get(k)]
+    if name != "default" and (timesteps is not None or sigmas is not None):
+        fail("schedule.timesteps" if timesteps is not None else "schedule.sigmas", timesteps or sigmas,
+             f"null with schedule={name} (a list replaces the spacing); a custom list goes with schedule=default")
+    if name in SPACING_KWARGS:
+        key = SPACING_KWARGS[name]
+        if not takes_kwarg(class_name_used, key):
+            fail("schedule", name, f"{label} has no {key}; the scheduler options that take it: "
+                 + ", ".join(scheduler_options_where(lambda c, _: takes_kwarg(c, key), family.flow)))
+        if [k for k in spacing_set if k != key]:
+            fail("schedule", name, f"{label} already sets {spacing_set[0]}=true; use schedule=default with it")
+        return {**kwargs, key: True}, None, None
+    if name == "default" and timesteps is None and sigmas is None:
+        return kwargs, None, None
+    # From here on a list replaces the scheduler's own spacing: ays, or a custom one.
+    if spacing_set:
+        fail("schedule", name, f"{label} sets {spacing_set[0]}=true, which a list of timesteps or sigmas replaces; "
+             "pick a scheduler option without it (dpmpp_2m rather than dpmpp_2m_karras)")
+    if family.flow:
+        fail("schedule", name, f"a list of timesteps or sigmas is for VP (DDPM-style) models; this {family.name} "
+             "model's sigmas come from its pipeline's recipe (shift, mu)")
+
+    def takers(argument, values):
+        return ", ".join(scheduler_options_where(
+            lambda c, kw: not list_refusal(model_config, c, kw, steps, argument, values), False))
+
+    if name == "ays":
+        if family.name not in AYS_LISTS:
+            fail("schedule", name, "Align-Your-Steps lists exist for Stable Diffusion 1.5 and SDXL models only; "
+                 f"this model is {family.name}")
+        # Sigmas where the scheduler takes them (any step count); else the published timesteps (10 steps only).
+        sigmas = ays_sigmas(family.name, steps)
+        if not list_refusal(model_config, class_name, kwargs, steps, "sigmas", sigmas):
+            return kwargs, None, tuple(sigmas)
+        timesteps = ays_timesteps(family.name)
+        why = list_refusal(model_config, class_name, kwargs, steps, "timesteps", timesteps)
+        if why:
+            fail("schedule", name, f"{label} takes neither AYS sigmas nor timesteps ({why}); the scheduler options "
+                 "that take them: " + ", ".join(dict.fromkeys(takers("sigmas", sigmas).split(", ")
+                                                             + takers("timesteps", timesteps).split(", "))))
+        if steps != len(timesteps):
+            fail("steps", steps, f"{len(timesteps)} with schedule=ays on {label}: it takes the published "
+                 f"{len(timesteps)}-step timesteps only; the options that take AYS sigmas, interpolated to any "
+                 f"step count: {takers('sigmas', sigmas)}")
+        return kwargs, tuple(timesteps), None
+    if timesteps is not None and sigmas is not None:
+        fail("schedule.sigmas", sigmas, "null when schedule.timesteps is set: one custom list")
+    argument = "timesteps" if timesteps is not None else "sigmas"
+    values = check_custom_list(argument, timesteps if timesteps is not None else sigmas, steps,
+                               model_config.get("num_train_timesteps", 1000))
+    why = list_refusal(model_config, class_name, kwargs, steps, argument, values)
+    if why:
+        fail(f"schedule.{argument}", values, f"{label} refuses it ({why}); the scheduler options that take "
+             f"{argument}=: {takers(argument, values)}")
+    return kwargs, (tuple(values) if argument == "timesteps" else None), (tuple(values) if argument == "sigmas" else None)
+
+
+def check_custom_list(argument: str, values, steps: int, train_steps: int) -> list:
+    """A custom timesteps list (integers in 0..train_steps-1, decreasing, one per step) or sigmas list (decreasing
+    non-negative numbers, one per step plus the final sigma)."""
+    from runner.checks import fail
+
+    key = f"schedule.{argument}"
+    if argument == "timesteps":
+        what = f"a decreasing list of integers in 0..{train_steps - 1}, one per step"
+        if not isinstance(values, list) or not values or not all(
+                isinstance(v, int) and not isinstance(v, bool) and 0 <= v < train_steps for v in values):
+            fail(key, values, what)
+        count = len(values)
+    else:
+        what = "a decreasing list of numbers >= 0, one per step and the final sigma (usually 0)"
+        if not isinstance(values, list) or len(values) < 2 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in values):
+            fail(key, values, what)
+        count = len(values) - 1
+    if any(a <= b for a, b in zip(values, values[1:])):
+        fail(key, values, what)
+    if count != steps:
+        fail("steps", steps, f"{count}, the number of steps that {key} gives")
+    return values

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner import families
 from runner.checks import as_int, as_list, as_number, fail
 from runner.metrics import METRICS
-from runner.schedulers import ALLOWED_SCHEDULERS
+from runner.schedulers import ALLOWED_SCHEDULERS, check_schedule
 
 MAX_SEED = 2**63 - 1
 DEVICES = "auto | cpu | cuda | cuda:N"
@@ -80,6 +80,9 @@ class Spec:
     precision_options: dict = field(default_factory=dict)  # runner.precision: tf32, channels_last, compile ...
     family_options: dict = field(default_factory=dict)  # the family's own config node (Family.options_key)
     pipeline_config: dict = field(default_factory=dict)  # model_index.json's settings beside its components
+    schedule: str = "default"  # the spacing axis (conf/schedule); karras/exponential/beta are in scheduler_kwargs
+    schedule_timesteps: tuple | None = None  # custom timesteps for set_timesteps (runner.sampling.set_schedule)
+    schedule_sigmas: tuple | None = None  # custom sigmas, ending with the final one
 
 
 def resolve_device(device: str) -> str:
@@ -304,6 +307,9 @@ def make_spec(cfg: DictConfig) -> Spec:
 
     family = info.family
     kwargs = scheduler_kwargs(sched["name"], class_name, kwargs, family, info.scheduler_config, c.get("shift"))
+    schedule = c.get("schedule") or {"name": "default"}  # configs saved before the axis existed
+    kwargs, schedule_timesteps, schedule_sigmas = check_schedule(
+        schedule, sched["name"], class_name, kwargs, family, info.scheduler_config, steps)
     if not family.conditional:  # no text encoder: prompts would only duplicate images and mislabel rows
         prompts, negative_prompt = [""], ""
     metric, clip_model = model.get("metric"), model.get("clip_model")
@@ -324,7 +330,8 @@ def make_spec(cfg: DictConfig) -> Spec:
         progress=bool(sampling["progress"]), init_image=init_image, strength=strength,
         precision_options=check_options(prec, device, family), metric=metric, clip_model=clip_model,
         family_options=dict(c.get(family.options_key) or {}) if family.options_key else {},
-        pipeline_config=info.pipeline_config,
+        pipeline_config=info.pipeline_config, schedule=schedule["name"], schedule_timesteps=schedule_timesteps,
+        schedule_sigmas=schedule_sigmas,
     )
     family.check(spec)
     return spec

@@ -14,7 +14,9 @@ def options(group):
 
 def test_every_group_has_its_options():
     assert options("scheduler") == sorted(["default", "ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "heun",
-                                           "dpmpp_2m", "dpmpp_2m_karras", "unipc"])
+                                           "dpmpp_2m", "dpmpp_2m_karras", "unipc", "flow_dpmpp_2m", "flow_euler",
+                                           "flow_euler_sde", "flow_heun", "flow_unipc"])
+    assert options("schedule") == ["ays", "beta", "default", "exponential", "karras"]
     assert options("precision") == ["auto", "bf16", "fp16", "fp32"]
     assert {"tiny-sd", "tiny-ddpm", "ddpm-cat-256", "sd-v1-4", "sd-v1-5", "sd-2-1"} <= set(options("model"))
     assert options("sampling") == ["default"]
@@ -23,6 +25,7 @@ def test_every_group_has_its_options():
 def test_defaults():
     cfg = compose_config()
     assert (cfg.model.name, cfg.scheduler.name, cfg.precision.name) == ("digits-sd", "default", "auto")
+    assert (cfg.schedule.name, cfg.schedule.timesteps, cfg.schedule.sigmas) == ("default", None, None)
     assert cfg.model.metric == "digits" and cfg.prompt == "a handwritten digit seven"
     assert cfg.negative_prompt == "" and cfg.seed == 0 and cfg.device == "auto"
 

@@ -180,7 +180,7 @@ class SDXL(Family):
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        from runner.sampling import denoise, latent_scale, step_kwargs, to_uint8
+        from runner.sampling import denoise, latent_scale, set_schedule, step_kwargs, to_uint8
 
         unet, vae = components.denoiser, components.vae
         embeds = state if state is not None else self.prepare(components, spec, timer)
@@ -201,7 +201,7 @@ class SDXL(Family):
             timestep_cond = guidance_embedding(w, unet.config.time_cond_proj_dim).to(device, dtype)
 
         # 2. the schedule, then the noise (init_noise_sigma depends on the schedule)
-        scheduler.set_timesteps(spec.steps, device=device)
+        set_schedule(scheduler, spec, device)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)  # as the pipeline: the step index starts at 0 whatever the timesteps
         scale = latent_scale(vae.config)

@@ -48,10 +48,9 @@ class StableDiffusion(Family):
 
     def sample(self, components, scheduler, spec, prompts, generators, state, timer, tally):
         embeds = state["embeds"]
-        return sample_text_to_image(components.denoiser, components.vae, scheduler, embeds(prompts),
-                                    embeds([spec.negative_prompt] * len(prompts)), generators, spec.height, spec.width,
-                                    spec.steps, spec.guidance, eta=spec.eta, progress=spec.progress, timer=timer,
-                                    init_image=state["init_image"], strength=spec.strength, tally=tally)
+        return sample_text_to_image(components.denoiser, components.vae, scheduler, spec, embeds(prompts),
+                                    embeds([spec.negative_prompt] * len(prompts)), generators, timer=timer,
+                                    init_image=state["init_image"], tally=tally)
 
     def warm_up(self, components, spec, batch_size):
         import torch
@@ -113,33 +112,34 @@ def load_init_image(spec):
                                           width=spec.width)
 
 
-def sample_text_to_image(unet, vae, scheduler, cond_embeds, uncond_embeds, generators, height, width, steps, guidance,
-                         eta=0.0, progress=True, timer=None, init_image=None, strength=1.0, tally=None):
+def sample_text_to_image(unet, vae, scheduler, spec, cond_embeds, uncond_embeds, generators, timer=None, init_image=None,
+                         tally=None):
     """Latent diffusion with classifier-free guidance, as StableDiffusionPipeline.
 
-    `cond_embeds`/`uncond_embeds` hold one row per image. With `init_image` (a [-1, 1] tensor of shape
+    `spec` gives the size, steps (or custom schedule), guidance, eta, strength and progress bar; `cond_embeds` /
+    `uncond_embeds` hold one row per image. With `init_image` (a [-1, 1] tensor of shape
     (1, 3, H, W)) it is img2img, as StableDiffusionImg2ImgPipeline: the image is encoded, noised to the
     timestep that `strength` picks, and only the remaining steps run.
     """
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
-    from runner.sampling import denoise, img2img_start, latent_scale, step_kwargs, timed, to_uint8
+    from runner.sampling import denoise, img2img_start, latent_scale, set_schedule, step_kwargs, timed, to_uint8
 
     with torch.no_grad():
         # The embeddings sit on the execution device, also under model CPU offload (where unet.device says "cpu").
         device, dtype = cond_embeds.device, cond_embeds.dtype
-        use_cfg = uses_cfg(unet, guidance)
+        use_cfg = uses_cfg(unet, spec.guidance)
         # 1. the schedule first: init_noise_sigma and img2img's start depend on it
-        scheduler.set_timesteps(steps, device=device)
+        set_schedule(scheduler, spec, device)
         timesteps = scheduler.timesteps
         # 2. latents: pure noise, or the init image encoded and noised
         scale = latent_scale(vae.config)
         if init_image is None:
-            shape = (len(generators), unet.config.in_channels, height // scale, width // scale)
+            shape = (len(generators), unet.config.in_channels, spec.height // scale, spec.width // scale)
             latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
         else:
-            start = img2img_start(steps, strength, scheduler.order)
+            start = img2img_start(spec.steps, spec.strength, scheduler.order)
             timesteps = timesteps[start:]
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(start)
@@ -157,10 +157,10 @@ def sample_text_to_image(unet, vae, scheduler, cond_embeds, uncond_embeds, gener
             if not use_cfg:
                 return noise_pred
             noise_uncond, noise_cond = noise_pred.chunk(2)
-            return noise_uncond + guidance * (noise_cond - noise_uncond)
+            return noise_uncond + spec.guidance * (noise_cond - noise_uncond)
 
-        latents = denoise(scheduler, latents, timesteps, predict_noise, step_kwargs(scheduler, generators, eta),
-                          progress, timer, tally, passes=2 if use_cfg else 1)
+        latents = denoise(scheduler, latents, timesteps, predict_noise, step_kwargs(scheduler, generators, spec.eta),
+                          spec.progress, timer, tally, passes=2 if use_cfg else 1)
         # 4. decode
         with timed(timer, "vae_decode"):
             images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
