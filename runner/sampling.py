@@ -75,6 +75,26 @@ def timed(timer, name):
     return timer(name) if timer is not None else nullcontext()
 
 
+def guidance_embedding(w, dim: int):
+    """The guidance-scale embedding of guidance-distilled UNets (`time_cond_proj_dim`: LCM, Turbo-style), as the
+    pipelines' get_guidance_scale_embedding: sinusoidal features of 1000 * w, in fp32 (the caller casts)."""
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
+    emb = (w * 1000.0).float()[:, None] * freqs[None, :]
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
+
+
+def guidance_condition(unet, guidance: float, rows: int, device, dtype):
+    """`timestep_cond` for a UNet that takes guidance as an input, else None. Every diffusers pipeline (SD, SDXL and
+    LatentConsistencyModelPipeline alike) embeds w = guidance - 1: the Imagen CFG form eps_u + g (eps_c - eps_u) is
+    the LCM paper's eps_c + w (eps_c - eps_u) with w = g - 1."""
+    if unet.config.time_cond_proj_dim is None:
+        return None
+    w = torch.tensor(guidance - 1).repeat(rows)
+    return guidance_embedding(w, unet.config.time_cond_proj_dim).to(device=device, dtype=dtype)
+
+
 @dataclass
 class Tally:
     """Model evaluations per image, counted where they happen: `nfe` counts evaluations of the guided model (a

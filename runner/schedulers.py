@@ -5,7 +5,7 @@ ALLOWED_SCHEDULERS = frozenset({
     "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler", "DPMSolverMultistepScheduler",
     "DPMSolverSinglestepScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler",
     "UniPCMultistepScheduler", "DEISMultistepScheduler", "FlowMatchEulerDiscreteScheduler",
-    "FlowMatchHeunDiscreteScheduler",
+    "FlowMatchHeunDiscreteScheduler", "LCMScheduler", "TCDScheduler",
 })
 
 
@@ -242,3 +242,22 @@ def check_custom_list(argument: str, values, steps: int, train_steps: int) -> li
     if count != steps:
         fail("steps", steps, f"{count}, the number of steps that {key} gives")
     return values
+
+
+def check_single_step(scheduler_name: str, class_name: str | None, kwargs: dict, model_config: dict, timesteps,
+                      sigmas) -> None:
+    """At steps=1 the one model call must start from the top of the schedule. With `leading` spacing (SD's own)
+    most schedulers put their single timestep at t=1: the model is told that pure noise is an almost clean image,
+    and the image comes out as noise. (No diffusers scheduler fails outright at 1 step: the multistep solvers
+    take a first-order step; this is the combination that cannot work.)"""
+    from runner.checks import fail
+    from runner.sampling import apply_schedule
+
+    scheduler = build_scheduler(model_config, class_name, kwargs)
+    apply_schedule(scheduler, 1, timesteps, sigmas)
+    first, total = float(scheduler.timesteps[0]), scheduler.config.num_train_timesteps
+    if first < total / 2:
+        spacing = scheduler.config.get("timestep_spacing", "?")
+        fail("steps", 1, f"not with scheduler={scheduler_name} and timestep_spacing={spacing!r}: its one model call "
+             f"is at t={first:g} of {total}, so the image comes out as noise; set "
+             "scheduler.kwargs.timestep_spacing=trailing (as SD-Turbo) or use steps >= 2")

@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner import families
 from runner.checks import as_int, as_list, as_number, fail
 from runner.metrics import METRICS
-from runner.schedulers import ALLOWED_SCHEDULERS, check_schedule
+from runner.schedulers import ALLOWED_SCHEDULERS, check_schedule, check_single_step
 
 MAX_SEED = 2**63 - 1
 DEVICES = "auto | cpu | cuda | cuda:N"
@@ -46,6 +46,7 @@ class ModelInfo:
     index_path: str
     pipeline_config: dict  # model_index.json's settings beside its components (force_zeros_for_empty_prompt ...)
     scheduler_config: dict  # the model's scheduler_config.json
+    facts: dict  # Family.facts: what the family's checks need from the component configs
 
 
 @dataclass(frozen=True)
@@ -83,6 +84,7 @@ class Spec:
     schedule: str = "default"  # the spacing axis (conf/schedule); karras/exponential/beta are in scheduler_kwargs
     schedule_timesteps: tuple | None = None  # custom timesteps for set_timesteps (runner.sampling.set_schedule)
     schedule_sigmas: tuple | None = None  # custom sigmas, ending with the final one
+    model_facts: dict = field(default_factory=dict)  # Family.facts (e.g. guidance_embedded)
 
 
 def resolve_device(device: str) -> str:
@@ -162,6 +164,7 @@ def read_model_info(name_or_path: str, revision: str | None, vae: str | None) ->
 
     try:
         multiple, default_size = family.size_rule(read_config)
+        facts = family.facts(read_config)
     except (KeyError, TypeError, ValueError, IndexError) as err:
         fail(key, name_or_path, f"its component configs lack what {family.pipeline} needs to size an image "
              f"({type(err).__name__}: {err}); save the model again with save_pretrained()")
@@ -171,7 +174,7 @@ def read_model_info(name_or_path: str, revision: str | None, vae: str | None) ->
     except Exception:
         fail(key, name_or_path, "it has no readable scheduler/scheduler_config.json; save the model with save_pretrained()")
     return ModelInfo(family, multiple, default_size, _hub_commit(index_path) or _local_fingerprint(name_or_path),
-                     index_path, pipeline_config, scheduler_config)
+                     index_path, pipeline_config, scheduler_config, facts)
 
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -310,6 +313,9 @@ def make_spec(cfg: DictConfig) -> Spec:
     schedule = c.get("schedule") or {"name": "default"}  # configs saved before the axis existed
     kwargs, schedule_timesteps, schedule_sigmas = check_schedule(
         schedule, sched["name"], class_name, kwargs, family, info.scheduler_config, steps)
+    if steps == 1 and not family.flow:
+        check_single_step(sched["name"], class_name, kwargs, info.scheduler_config, schedule_timesteps,
+                          schedule_sigmas)
     if not family.conditional:  # no text encoder: prompts would only duplicate images and mislabel rows
         prompts, negative_prompt = [""], ""
     metric, clip_model = model.get("metric"), model.get("clip_model")
@@ -331,7 +337,7 @@ def make_spec(cfg: DictConfig) -> Spec:
         precision_options=check_options(prec, device, family), metric=metric, clip_model=clip_model,
         family_options=dict(c.get(family.options_key) or {}) if family.options_key else {},
         pipeline_config=info.pipeline_config, schedule=schedule["name"], schedule_timesteps=schedule_timesteps,
-        schedule_sigmas=schedule_sigmas,
+        schedule_sigmas=schedule_sigmas, model_facts=info.facts,
     )
     family.check(spec)
     return spec

@@ -15,7 +15,7 @@ def options(group):
 def test_every_group_has_its_options():
     assert options("scheduler") == sorted(["default", "ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "heun",
                                            "dpmpp_2m", "dpmpp_2m_karras", "unipc", "flow_dpmpp_2m", "flow_euler",
-                                           "flow_euler_sde", "flow_heun", "flow_unipc"])
+                                           "flow_euler_sde", "flow_heun", "flow_unipc", "lcm", "tcd"])
     assert options("schedule") == ["ays", "beta", "default", "exponential", "karras"]
     assert options("precision") == ["auto", "bf16", "fp16", "fp32"]
     assert {"tiny-sd", "tiny-ddpm", "ddpm-cat-256", "sd-v1-4", "sd-v1-5", "sd-2-1"} <= set(options("model"))

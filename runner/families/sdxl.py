@@ -19,6 +19,7 @@ import logging
 
 from runner.checks import fail
 from runner.families.base import Components, Family
+from runner.families.stable_diffusion import check_guidance_embedded
 
 log = logging.getLogger("runner")
 
@@ -42,18 +43,6 @@ def micro_conditioning(spec) -> list[int]:
     options, size = _options(spec), [spec.height, spec.width]
     defaults = {"original_size": size, "crops_coords_top_left": [0, 0], "target_size": size}
     return [int(v) for key in SIZE_OPTIONS for v in (options.get(key) or defaults[key])]
-
-
-def guidance_embedding(w, dim: int):
-    """The guidance-scale embedding of guidance-distilled UNets (`time_cond_proj_dim`), as the pipeline builds it:
-    sinusoidal features of 1000 * w, in fp32 (the caller casts)."""
-    import torch
-
-    half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    emb = (w * 1000.0).float()[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-    return torch.nn.functional.pad(emb, (0, dim % 2))
 
 
 def rescale_noise_cfg(noise_cfg, noise_cond, guidance_rescale: float):
@@ -140,7 +129,11 @@ class SDXL(Family):
         scale = 2 ** (len(read_config("vae")["block_out_channels"]) - 1)
         return scale, read_config("unet")["sample_size"] * scale
 
+    def facts(self, read_config) -> dict:
+        return {"guidance_embedded": read_config("unet").get("time_cond_proj_dim") is not None}
+
     def check(self, spec) -> None:
+        check_guidance_embedded(spec)
         if getattr(spec, "init_image", None) is not None:
             fail("init_image", spec.init_image, "null: SDXL models draw text-to-image only (img2img, as "
                                                  "StableDiffusionXLImg2ImgPipeline, is not supported yet)")
@@ -180,7 +173,7 @@ class SDXL(Family):
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        from runner.sampling import denoise, latent_scale, set_schedule, step_kwargs, to_uint8
+        from runner.sampling import denoise, guidance_condition, latent_scale, set_schedule, step_kwargs, to_uint8
 
         unet, vae = components.denoiser, components.vae
         embeds = state if state is not None else self.prepare(components, spec, timer)
@@ -195,10 +188,7 @@ class SDXL(Family):
             hidden, pooled = torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled])
         time_ids = torch.tensor([micro_conditioning(spec)], dtype=dtype, device=device).repeat(len(hidden), 1)
         added = {"text_embeds": pooled, "time_ids": time_ids}
-        timestep_cond = None
-        if unet.config.time_cond_proj_dim is not None:  # guidance-distilled UNets take w as an input instead
-            w = torch.tensor(spec.guidance - 1).repeat(n)
-            timestep_cond = guidance_embedding(w, unet.config.time_cond_proj_dim).to(device, dtype)
+        timestep_cond = guidance_condition(unet, spec.guidance, n, device, dtype)
 
         # 2. the schedule, then the noise (init_noise_sigma depends on the schedule)
         set_schedule(scheduler, spec, device)

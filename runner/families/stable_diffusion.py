@@ -29,7 +29,11 @@ class StableDiffusion(Family):
         scale = latent_scale(read_config("vae"))
         return scale, (size if isinstance(size, int) else size[0]) * scale
 
+    def facts(self, read_config):
+        return {"guidance_embedded": read_config("unet").get("time_cond_proj_dim") is not None}
+
     def check(self, spec):
+        check_guidance_embedded(spec)
         if spec.init_image is not None and int(spec.steps * spec.strength) < 1:
             fail("strength", spec.strength,
                  f"img2img runs int(steps * strength) steps, which must be >= 1 (steps={spec.steps})")
@@ -59,6 +63,8 @@ class StableDiffusion(Family):
         from runner.sampling import latent_scale
 
         unet, dtype, device = components.denoiser, torch_dtype(spec.dtype), spec.device
+        from runner.sampling import guidance_condition
+
         rows = batch_size * (2 if uses_cfg(unet, spec.guidance) else 1)
         scale = latent_scale(components.vae.config)
         x = torch.randn(rows, unet.config.in_channels, spec.height // scale, spec.width // scale, device=device,
@@ -66,12 +72,22 @@ class StableDiffusion(Family):
         embeds = torch.randn(rows, components.text["tokenizer"].model_max_length,
                              components.text["text_encoder"].config.hidden_size, device=device, dtype=dtype)
         with torch.no_grad():
-            unet(x, torch.tensor(1, device=device), encoder_hidden_states=embeds, return_dict=False)
+            unet(x, torch.tensor(1, device=device), encoder_hidden_states=embeds,
+                 timestep_cond=guidance_condition(unet, spec.guidance, rows, device, dtype), return_dict=False)
 
 
 def uses_cfg(unet, guidance: float) -> bool:
-    """Classifier-free guidance runs an unconditional pass beside the conditional one, as the pipeline decides."""
+    """Classifier-free guidance runs an unconditional pass beside the conditional one, as the pipeline decides; a
+    UNet with `time_cond_proj_dim` (LCM-style, guidance-distilled) takes guidance as an embedding instead."""
     return guidance > 1 and unet.config.time_cond_proj_dim is None
+
+
+def check_guidance_embedded(spec) -> None:
+    """A guidance-embedded UNet runs no unconditional pass, so the pipelines drop a negative prompt without a word
+    (LatentConsistencyModelPipeline takes none at all): refuse it rather than record it as used."""
+    if (getattr(spec, "model_facts", None) or {}).get("guidance_embedded") and spec.negative_prompt:
+        fail("negative_prompt", spec.negative_prompt, "'' for this model: its UNet takes guidance as an embedding "
+             "(time_cond_proj_dim, LCM-style) and runs no unconditional pass, so a negative prompt would be ignored")
 
 
 class TextEmbeddings:
@@ -124,7 +140,8 @@ def sample_text_to_image(unet, vae, scheduler, spec, cond_embeds, uncond_embeds,
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
-    from runner.sampling import denoise, img2img_start, latent_scale, set_schedule, step_kwargs, timed, to_uint8
+    from runner.sampling import (denoise, guidance_condition, img2img_start, latent_scale, set_schedule, step_kwargs,
+                                 timed, to_uint8)
 
     with torch.no_grad():
         # The embeddings sit on the execution device, also under model CPU offload (where unet.device says "cpu").
@@ -149,11 +166,13 @@ def sample_text_to_image(unet, vae, scheduler, spec, cond_embeds, uncond_embeds,
             noise = randn_tensor(clean.shape, generator=generators, device=device, dtype=dtype)
             latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(generators)))
         embeds = torch.cat([uncond_embeds, cond_embeds]) if use_cfg else cond_embeds
+        timestep_cond = guidance_condition(unet, spec.guidance, len(generators), device, dtype)
 
-        # 3. denoise: eps_u + w * (eps_c - eps_u)
+        # 3. denoise: eps_u + w * (eps_c - eps_u), or one pass with w embedded
         def predict_noise(x, t):
             model_input = scheduler.scale_model_input(torch.cat([x, x]) if use_cfg else x, t)
-            noise_pred = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+            noise_pred = unet(model_input, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond,
+                              return_dict=False)[0]
             if not use_cfg:
                 return noise_pred
             noise_uncond, noise_cond = noise_pred.chunk(2)
