@@ -128,9 +128,16 @@ def save(job_dir: Path, row: dict, name: str, image, latent, tally) -> dict:
 
 
 def build_job_scheduler(spec, components):
+    """The job's diffusers scheduler; for a k-diffusion sampler, runner.ksampling's stand-in, which reads the
+    model's own scheduler for its alphas_cumprod and prediction type."""
     from runner.schedulers import build_scheduler
 
-    return build_scheduler(components.scheduler_config, spec.scheduler_class, spec.scheduler_kwargs)
+    scheduler = build_scheduler(components.scheduler_config, spec.scheduler_class, spec.scheduler_kwargs)
+    if getattr(spec, "scheduler_backend", "diffusers") == "k-diffusion":
+        from runner.ksampling import build
+
+        return build(scheduler, spec)
+    return scheduler
 
 
 def add_image_metrics(spec, family, rows: list[dict], pictures: list, job_dir: Path) -> list[dict]:

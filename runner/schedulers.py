@@ -24,7 +24,11 @@ def options_of_kind(flow: bool) -> list[str]:
     names = []
     for path in sorted((CONF_DIR / "scheduler").glob("*.yaml")):
         option = OmegaConf.to_container(OmegaConf.load(path))
-        if option.get("class_name") is None or is_flow(option["class_name"], option.get("kwargs") or {}) == flow:
+        if "sampler" in option:  # a k-diffusion option: VP models only
+            fits = not flow
+        else:
+            fits = option.get("class_name") is None or is_flow(option["class_name"], option.get("kwargs") or {}) == flow
+        if fits:
             names.append(path.stem)
     return names
 
@@ -70,6 +74,78 @@ def sigma_schedule(scheduler, flow: bool = False) -> list[dict]:
         log_snr = 2 * np.log((1 - sigmas) / sigmas) if flow else -2 * np.log(sigmas)
     return [{"step": i, "timestep": float(t), "sigma": float(s), "log_snr": float(snr), "sigma_source": source}
             for i, (t, s, snr) in enumerate(zip(timesteps, sigmas, log_snr))]
+
+
+# The k-diffusion backend (conf/scheduler/k_*.yaml, runner.ksampling): its sampler functions, each with the noise
+# its steps draw: none (deterministic), fresh noise from each image's generator (ancestral), or a Brownian tree
+# seeded with each image's seed (the SDE samplers, as A1111 seeds them).
+K_BACKEND = "k-diffusion"
+K_SAMPLERS = {"sample_euler": None, "sample_heun": None, "sample_dpm_2": None, "sample_lms": None,
+              "sample_dpmpp_2m": None, "sample_euler_ancestral": "generators", "sample_dpm_2_ancestral": "generators",
+              "sample_dpmpp_2s_ancestral": "generators", "sample_dpmpp_sde": "brownian_tree",
+              "sample_dpmpp_2m_sde": "brownian_tree", "sample_dpmpp_3m_sde": "brownian_tree"}
+K_FAMILIES = ("stable-diffusion", "sdxl")
+K_SCHEDULES = ("default", "karras", "exponential", "polyexponential", "ays")  # default = karras, as A1111 names it
+K_ONLY_SCHEDULES = ("polyexponential",)
+K_KWARGS = ("beta_schedule", "prediction_type")  # the only scheduler.kwargs that reach k: they shape the model's sigmas
+K_INSTALL = "pip install --no-deps k-diffusion==0.1.1.post1 (its imports come with pip install -e '.[kdiffusion]')"
+
+
+def k_options() -> list[str]:
+    from omegaconf import OmegaConf
+
+    from runner import CONF_DIR
+
+    return [p.stem for p in sorted((CONF_DIR / "scheduler").glob("*.yaml")) if "sampler" in OmegaConf.load(p)]
+
+
+def check_k_backend(option: dict, kwargs: dict, family, model_config: dict) -> dict:
+    """A k-diffusion scheduler option checked: the family runs it, the sampler is allow-listed, no scheduler kwarg
+    that it would ignore is set, and the package is installed. Returns spec.k_sampler."""
+    import importlib.util
+
+    from runner.checks import fail
+
+    name, sampler = option.get("name"), option.get("sampler")
+    if family.name not in K_FAMILIES:
+        fail("scheduler", name, f"k-diffusion samplers run on {' and '.join(K_FAMILIES)} models; this model is "
+             f"{family.name}: one of " + ", ".join(o for o in options_of_kind(family.flow) if o not in k_options()))
+    if sampler not in K_SAMPLERS:
+        fail("scheduler.sampler", sampler, "one of k-diffusion's " + ", ".join(K_SAMPLERS))
+    for key, value in kwargs.items():
+        if key not in K_KWARGS:
+            fail(f"scheduler.kwargs.{key}", value, "null with a k-diffusion sampler: its sigmas come from the "
+                 "schedule axis (schedule=karras|exponential|polyexponential|ays, schedule.sigmas=[...])")
+    prediction = kwargs.get("prediction_type") or model_config.get("prediction_type", "epsilon")
+    if prediction not in ("epsilon", "v_prediction"):
+        fail("scheduler.kwargs.prediction_type", prediction, "epsilon or v_prediction with a k-diffusion sampler "
+             "(DiscreteEpsDDPMDenoiser, DiscreteVDDPMDenoiser)")
+    if importlib.util.find_spec("k_diffusion") is None:
+        fail("scheduler", name, f"the k-diffusion backend needs the k-diffusion package here: {K_INSTALL}")
+    return {"sampler": sampler, "noise_sampler": K_SAMPLERS[sampler], "quantize": bool(option.get("quantize"))}
+
+
+def check_k_schedule(name: str, sigmas, timesteps, family, steps: int) -> tuple | None:
+    """The schedule axis for a k-diffusion sampler: a sigma builder (None: runner.ksampling builds them), or the
+    sigmas list it walks (ays, schedule.sigmas)."""
+    from runner.checks import fail
+
+    if name not in K_SCHEDULES:
+        fail("schedule", name, "one of " + ", ".join(K_SCHEDULES) + " with a k-diffusion sampler (k-diffusion 0.1.1 "
+             "has no beta builder); the diffusers options that take it: "
+             + ", ".join(scheduler_options_where(lambda c, _: takes_kwarg(c, SPACING_KWARGS[name]), family.flow))
+             if name in SPACING_KWARGS else "one of " + ", ".join(K_SCHEDULES))
+    if timesteps is not None:
+        fail("schedule.timesteps", timesteps, "null with a k-diffusion sampler: it walks sigmas; give "
+             "schedule.sigmas=[...]")
+    if sigmas is not None:
+        return tuple(check_custom_list("sigmas", sigmas, steps, 1000))
+    if name == "ays":
+        if family.name not in AYS_LISTS:
+            fail("schedule", name, "Align-Your-Steps lists exist for Stable Diffusion 1.5 and SDXL models only; "
+                 f"this model is {family.name}")
+        return tuple(ays_sigmas(family.name, steps))
+    return None
 
 
 # The schedule axis (conf/schedule/*.yaml): spacings that diffusers' schedulers build themselves from one kwarg.
@@ -150,7 +226,7 @@ def ays_timesteps(family_name: str) -> list[int]:
 
 
 def check_schedule(option: dict, scheduler_name: str, class_name: str | None, kwargs: dict, family,
-                   model_config: dict, steps: int) -> tuple[dict, tuple | None, tuple | None]:
+                   model_config: dict, steps: int, backend: str = "diffusers") -> tuple[dict, tuple | None, tuple | None]:
     """The schedule axis checked against the scheduler, with runner.checks.fail for what cannot run. Returns the
     scheduler kwargs with the spacing's own kwarg added, and the custom timesteps or sigmas (or None) that
     runner.sampling.set_schedule passes to set_timesteps. A scheduler that cannot take a spacing is refused,
@@ -160,12 +236,17 @@ def check_schedule(option: dict, scheduler_name: str, class_name: str | None, kw
     name, timesteps, sigmas = option.get("name"), option.get("timesteps"), option.get("sigmas")
     if name not in schedule_options():
         fail("schedule.name", name, "one of " + ", ".join(schedule_options()))
-    class_name_used = class_name or model_config["_class_name"]
-    label = f"scheduler={scheduler_name} ({class_name_used})"
-    spacing_set = [k for k in SPACING_KWARGS.values() if kwargs.get(k)]
     if name != "default" and (timesteps is not None or sigmas is not None):
         fail("schedule.timesteps" if timesteps is not None else "schedule.sigmas", timesteps or sigmas,
              f"null with schedule={name} (a list replaces the spacing); a custom list goes with schedule=default")
+    if backend == K_BACKEND:
+        return kwargs, None, check_k_schedule(name, sigmas, timesteps, family, steps)
+    if name in K_ONLY_SCHEDULES:
+        fail("schedule", name, "a k-diffusion sigma builder: for the k_* scheduler options only ("
+             + ", ".join(k_options()) + ")")
+    class_name_used = class_name or model_config["_class_name"]
+    label = f"scheduler={scheduler_name} ({class_name_used})"
+    spacing_set = [k for k in SPACING_KWARGS.values() if kwargs.get(k)]
     if name in SPACING_KWARGS:
         key = SPACING_KWARGS[name]
         if not takes_kwarg(class_name_used, key):

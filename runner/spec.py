@@ -14,7 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner import families
 from runner.checks import as_int, as_list, as_number, fail
 from runner.metrics import METRICS
-from runner.schedulers import ALLOWED_SCHEDULERS, check_schedule, check_single_step
+from runner.schedulers import ALLOWED_SCHEDULERS, K_BACKEND, check_k_backend, check_schedule, check_single_step
 
 MAX_SEED = 2**63 - 1
 DEVICES = "auto | cpu | cuda | cuda:N"
@@ -85,6 +85,8 @@ class Spec:
     schedule_timesteps: tuple | None = None  # custom timesteps for set_timesteps (runner.sampling.set_schedule)
     schedule_sigmas: tuple | None = None  # custom sigmas, ending with the final one
     model_facts: dict = field(default_factory=dict)  # Family.facts (e.g. guidance_embedded)
+    scheduler_backend: str = "diffusers"  # or k-diffusion (runner.ksampling)
+    k_sampler: dict = field(default_factory=dict)  # k-diffusion: sampler, noise_sampler, quantize
 
 
 def resolve_device(device: str) -> str:
@@ -311,9 +313,13 @@ def make_spec(cfg: DictConfig) -> Spec:
     family = info.family
     kwargs = scheduler_kwargs(sched["name"], class_name, kwargs, family, info.scheduler_config, c.get("shift"))
     schedule = c.get("schedule") or {"name": "default"}  # configs saved before the axis existed
+    backend = sched.get("backend", "diffusers")
+    if backend not in ("diffusers", K_BACKEND):
+        fail("scheduler.backend", backend, f"diffusers or {K_BACKEND}")
+    k_sampler = check_k_backend(sched, kwargs, family, info.scheduler_config) if backend == K_BACKEND else {}
     kwargs, schedule_timesteps, schedule_sigmas = check_schedule(
-        schedule, sched["name"], class_name, kwargs, family, info.scheduler_config, steps)
-    if steps == 1 and not family.flow:
+        schedule, sched["name"], class_name, kwargs, family, info.scheduler_config, steps, backend)
+    if steps == 1 and not family.flow and backend == "diffusers":
         check_single_step(sched["name"], class_name, kwargs, info.scheduler_config, schedule_timesteps,
                           schedule_sigmas)
     if not family.conditional:  # no text encoder: prompts would only duplicate images and mislabel rows
@@ -337,7 +343,7 @@ def make_spec(cfg: DictConfig) -> Spec:
         precision_options=check_options(prec, device, family), metric=metric, clip_model=clip_model,
         family_options=dict(c.get(family.options_key) or {}) if family.options_key else {},
         pipeline_config=info.pipeline_config, schedule=schedule["name"], schedule_timesteps=schedule_timesteps,
-        schedule_sigmas=schedule_sigmas, model_facts=info.facts,
+        schedule_sigmas=schedule_sigmas, model_facts=info.facts, scheduler_backend=backend, k_sampler=k_sampler,
     )
     family.check(spec)
     return spec

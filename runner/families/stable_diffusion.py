@@ -34,6 +34,9 @@ class StableDiffusion(Family):
 
     def check(self, spec):
         check_guidance_embedded(spec)
+        if spec.init_image is not None and spec.scheduler_backend != "diffusers":
+            fail("init_image", spec.init_image, "null with a k-diffusion sampler (img2img runs on the diffusers "
+                 "scheduler options)")
         if spec.init_image is not None and int(spec.steps * spec.strength) < 1:
             fail("strength", spec.strength,
                  f"img2img runs int(steps * strength) steps, which must be >= 1 (steps={spec.steps})")
@@ -140,6 +143,8 @@ def sample_text_to_image(unet, vae, scheduler, spec, cond_embeds, uncond_embeds,
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
+    from runner.ksampling import is_k
+    from runner.ksampling import sample as k_sample
     from runner.sampling import (denoise, guidance_condition, img2img_start, latent_scale, set_schedule, step_kwargs,
                                  timed, to_uint8)
 
@@ -147,39 +152,50 @@ def sample_text_to_image(unet, vae, scheduler, spec, cond_embeds, uncond_embeds,
         # The embeddings sit on the execution device, also under model CPU offload (where unet.device says "cpu").
         device, dtype = cond_embeds.device, cond_embeds.dtype
         use_cfg = uses_cfg(unet, spec.guidance)
-        # 1. the schedule first: init_noise_sigma and img2img's start depend on it
-        set_schedule(scheduler, spec, device)
-        timesteps = scheduler.timesteps
-        # 2. latents: pure noise, or the init image encoded and noised
-        scale = latent_scale(vae.config)
-        if init_image is None:
-            shape = (len(generators), unet.config.in_channels, spec.height // scale, spec.width // scale)
-            latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
-        else:
-            start = img2img_start(spec.steps, spec.strength, scheduler.order)
-            timesteps = timesteps[start:]
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(start)
-            with timed(timer, "vae_encode"):
-                posterior = vae.encode(init_image.to(device=device, dtype=dtype)).latent_dist
-            clean = torch.cat([posterior.sample(generator=g) for g in generators]) * vae.config.scaling_factor
-            noise = randn_tensor(clean.shape, generator=generators, device=device, dtype=dtype)
-            latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(generators)))
         embeds = torch.cat([uncond_embeds, cond_embeds]) if use_cfg else cond_embeds
         timestep_cond = guidance_condition(unet, spec.guidance, len(generators), device, dtype)
 
-        # 3. denoise: eps_u + w * (eps_c - eps_u), or one pass with w embedded
-        def predict_noise(x, t):
-            model_input = scheduler.scale_model_input(torch.cat([x, x]) if use_cfg else x, t)
-            noise_pred = unet(model_input, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond,
-                              return_dict=False)[0]
+        # the guided prediction for (already scaled) model input: eps_u + w * (eps_c - eps_u), or one pass with w
+        # embedded; t is one timestep (diffusers) or one per row (k-diffusion)
+        def guided(model_input, t):
+            rows = torch.cat([model_input, model_input]) if use_cfg else model_input
+            noise_pred = unet(rows, torch.cat([t, t]) if use_cfg and t.ndim else t, encoder_hidden_states=embeds,
+                              timestep_cond=timestep_cond, return_dict=False)[0]
             if not use_cfg:
                 return noise_pred
             noise_uncond, noise_cond = noise_pred.chunk(2)
             return noise_uncond + spec.guidance * (noise_cond - noise_uncond)
 
-        latents = denoise(scheduler, latents, timesteps, predict_noise, step_kwargs(scheduler, generators, spec.eta),
-                          spec.progress, timer, tally, passes=2 if use_cfg else 1)
+        scale = latent_scale(vae.config)
+        shape = (len(generators), unet.config.in_channels, spec.height // scale, spec.width // scale)
+        passes = 2 if use_cfg else 1
+        if is_k(scheduler):  # k-diffusion's sampler, schedule and noise (runner.ksampling)
+            latents = k_sample(scheduler, spec, guided, shape, generators, device, dtype, timer, tally, passes)
+        else:
+            # 1. the schedule first: init_noise_sigma and img2img's start depend on it
+            set_schedule(scheduler, spec, device)
+            timesteps = scheduler.timesteps
+            # 2. latents: pure noise, or the init image encoded and noised
+            if init_image is None:
+                latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+                latents = latents * scheduler.init_noise_sigma
+            else:
+                start = img2img_start(spec.steps, spec.strength, scheduler.order)
+                timesteps = timesteps[start:]
+                if hasattr(scheduler, "set_begin_index"):
+                    scheduler.set_begin_index(start)
+                with timed(timer, "vae_encode"):
+                    posterior = vae.encode(init_image.to(device=device, dtype=dtype)).latent_dist
+                clean = torch.cat([posterior.sample(generator=g) for g in generators]) * vae.config.scaling_factor
+                noise = randn_tensor(clean.shape, generator=generators, device=device, dtype=dtype)
+                latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(generators)))
+
+            # 3. denoise
+            def predict_noise(x, t):
+                return guided(scheduler.scale_model_input(x, t), t)
+
+            latents = denoise(scheduler, latents, timesteps, predict_noise,
+                              step_kwargs(scheduler, generators, spec.eta), spec.progress, timer, tally, passes)
         # 4. decode
         with timed(timer, "vae_decode"):
             images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
