@@ -84,6 +84,9 @@ K_SAMPLERS = {"sample_euler": None, "sample_heun": None, "sample_dpm_2": None, "
               "sample_dpmpp_2m": None, "sample_euler_ancestral": "generators", "sample_dpm_2_ancestral": "generators",
               "sample_dpmpp_2s_ancestral": "generators", "sample_dpmpp_sde": "brownian_tree",
               "sample_dpmpp_2m_sde": "brownian_tree", "sample_dpmpp_3m_sde": "brownian_tree"}
+# the k samplers that evaluate the model twice per step (all steps but the last, which is an Euler step to sigma 0)
+K_TWO_CALLS = frozenset({"sample_heun", "sample_dpm_2", "sample_dpm_2_ancestral", "sample_dpmpp_sde",
+                         "sample_dpmpp_2s_ancestral"})
 K_FAMILIES = ("stable-diffusion", "sdxl")
 K_SCHEDULES = ("default", "karras", "exponential", "polyexponential", "ays")  # default = karras, as A1111 names it
 K_ONLY_SCHEDULES = ("polyexponential",)
