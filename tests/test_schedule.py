@@ -4,6 +4,8 @@ recorded schedule is the one the loop used, and what cannot run is refused with 
 Bound: max pixel difference <= 1/255 on CPU fp32 (tiny-sd, tiny-sdxl).
 """
 
+from pathlib import Path
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -191,3 +193,20 @@ def test_cli_refuses_a_spacing_the_scheduler_lacks_with_exit_2(tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith("error: schedule='karras' is not allowed")
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_sdxl_sweep_over_schedulers_backends_and_spacings_runs_offline_with_costs(tmp_path):
+    """The issue's acceptance command: diffusers and k-diffusion samplers × default and Karras spacing on tiny-sdxl."""
+    result = run_cli("-m", "model=tiny-sdxl", "scheduler=euler,dpmpp_2m,k_dpmpp_2m", "schedule=default,karras",
+                     "sampling.progress=false", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    df = pd.read_parquet(tmp_path / "sweep" / "results.parquet")
+    assert sorted(zip(df["scheduler"], df["schedule"])) == sorted(
+        (s, p) for s in ("euler", "dpmpp_2m", "k_dpmpp_2m") for p in ("default", "karras"))
+    assert (df["status"] == "ok").all()
+    assert (df["nfe"] == 20).all() and (df["unet_evals"] == 40).all()  # 20 steps, CFG pairs
+    sweep = tmp_path / "sweep"  # the sweep table holds job dirs relative to the sweep
+    sigmas = {(r.scheduler, r.schedule): tuple(pd.read_csv(sweep / Path(r.job_dir) / "schedule.csv")["sigma"].round(4))
+              for r in df.itertuples()}
+    assert sigmas[("euler", "default")] != sigmas[("euler", "karras")]  # the spacing reached the scheduler
+    assert sigmas[("k_dpmpp_2m", "default")] == sigmas[("k_dpmpp_2m", "karras")]  # k's default is Karras
