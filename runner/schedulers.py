@@ -181,14 +181,20 @@ def list_refusal(model_config: dict, class_name: str | None, kwargs: dict, steps
     takes it. The signature is not enough: UniPC takes sigmas= on flow sigmas only, and says so by raising."""
     import inspect
 
+    from diffusers.utils import logging as diffusers_logging
+
     from runner.sampling import apply_schedule
 
     if argument not in inspect.signature(scheduler_class(class_name, model_config).set_timesteps).parameters:
         return f"its set_timesteps takes no {argument}="
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity_error()  # a trial, not the run: the run's own set_timesteps warns where it must
     try:
         apply_schedule(build_scheduler(model_config, class_name, kwargs), steps, **{argument: values})
     except (ValueError, TypeError) as err:
         return str(err)
+    finally:
+        diffusers_logging.set_verbosity(verbosity)
     return ""
 
 
