@@ -19,7 +19,7 @@ import importlib
 import importlib.util
 import sys
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -81,7 +81,6 @@ class KScheduler:
     order: int = 1
     sigmas: torch.Tensor | None = None
     timesteps: torch.Tensor | None = None
-    config: dict = field(default_factory=dict)
 
     def model_sigmas(self) -> torch.Tensor:
         return ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
@@ -109,8 +108,7 @@ def build(model_scheduler, spec) -> KScheduler:
     return KScheduler(sampler=options["sampler"], spacing=spec.schedule if spec.schedule in BUILDERS else "default",
                       alphas_cumprod=model_scheduler.alphas_cumprod.clone(),
                       prediction_type=model_scheduler.config.prediction_type,
-                      noise_sampler=options.get("noise_sampler"), quantize=bool(options.get("quantize")),
-                      config=dict(model_scheduler.config))
+                      noise_sampler=options.get("noise_sampler"), quantize=bool(options.get("quantize")))
 
 
 def is_k(scheduler) -> bool:
@@ -119,7 +117,9 @@ def is_k(scheduler) -> bool:
 
 def sample(scheduler: KScheduler, spec, network, shape, generators, device, dtype, timer, tally, passes: int):
     """Run k-diffusion's sampler on `network(model_input, t)` (the guided eps or v prediction for scaled input
-    rows, CFG inside), from per-image noise; returns the final latents. Every wrapped call counts in `tally`."""
+    rows, CFG inside), from per-image noise; returns the final latents. Every wrapped call counts in `tally`.
+    The sampler's own arithmetic runs in float32 whatever the network's dtype (the noise is drawn in the run's
+    dtype, as the diffusers backend draws it)."""
     from diffusers.utils.torch_utils import randn_tensor
 
     from runner.sampling import set_schedule, timed
@@ -133,16 +133,16 @@ def sample(scheduler: KScheduler, spec, network, shape, generators, device, dtyp
             out = network(model_input.to(dtype), t)
         if tally is not None:
             tally.add(passes)
-        return out
+        return out.float()
 
     wrapper = external.DiscreteVDDPMDenoiser if scheduler.prediction_type == "v_prediction" else \
         external.DiscreteEpsDDPMDenoiser
     model = wrapper(counted, scheduler.alphas_cumprod.to(device, torch.float32), quantize=scheduler.quantize)
-    x = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=dtype) * sigmas[0]
+    x = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=dtype).float() * sigmas[0]
     extra = {}
     if scheduler.noise_sampler == "generators":
         extra["noise_sampler"] = lambda sigma, sigma_next: randn_tensor(
-            shape, generator=generators, device=torch.device(device), dtype=dtype)
+            shape, generator=generators, device=torch.device(device), dtype=dtype).float()
     elif scheduler.noise_sampler == "brownian_tree":
         positive = sigmas[sigmas > 0]
         extra["noise_sampler"] = sampling.BrownianTreeNoiseSampler(
