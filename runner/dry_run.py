@@ -3,8 +3,8 @@
 The estimate comes from earlier result rows (runner.results.load over `dry_run_results`, default `results/`)
 of the same model, device and dtype: the median seconds per model evaluation (the rows' `nfe`; rows without it
 count one per step) times each job's images and planned evaluations (`planned_nfe`: Heun-type samplers evaluate
-about twice per step), plus the median seconds per image outside the loop (encode, decode, save), plus the median load time once
-per model switch. Jobs flagged `time_includes_warmup` are left out of the rates when there are others. Jobs with no such history show "?".
+about twice per step), plus the median seconds per image outside the loop (encode, decode, save), plus the median
+load time once per model switch. Jobs flagged `time_includes_warmup` are left out of the rates when there are others. Jobs with no such history show "?".
 """
 
 from omegaconf import DictConfig, OmegaConf, open_dict

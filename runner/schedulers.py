@@ -235,7 +235,8 @@ def ays_timesteps(family_name: str) -> list[int]:
 
 
 def check_schedule(option: dict, scheduler_name: str, class_name: str | None, kwargs: dict, family,
-                   model_config: dict, steps: int, backend: str = "diffusers") -> tuple[dict, tuple | None, tuple | None]:
+                   model_config: dict, steps: int, backend: str = "diffusers"
+                   ) -> tuple[dict, tuple | None, tuple | None]:
     """The schedule axis checked against the scheduler, with runner.checks.fail for what cannot run. Returns the
     scheduler kwargs with the spacing's own kwarg added, and the custom timesteps or sigmas (or None) that
     runner.sampling.set_schedule passes to set_timesteps. A scheduler that cannot take a spacing is refused,
@@ -306,7 +307,8 @@ def check_schedule(option: dict, scheduler_name: str, class_name: str | None, kw
     if why:
         fail(f"schedule.{argument}", values, f"{label} refuses it ({why}); the scheduler options that take "
              f"{argument}=: {takers(argument, values)}")
-    return kwargs, (tuple(values) if argument == "timesteps" else None), (tuple(values) if argument == "sigmas" else None)
+    values = tuple(values)
+    return kwargs, (values if argument == "timesteps" else None), (values if argument == "sigmas" else None)
 
 
 def check_custom_list(argument: str, values, steps: int, train_steps: int) -> list:

@@ -131,8 +131,8 @@ def load_init_image(spec):
                                           width=spec.width)
 
 
-def sample_text_to_image(unet, vae, scheduler, spec, cond_embeds, uncond_embeds, generators, timer=None, init_image=None,
-                         tally=None):
+def sample_text_to_image(unet, vae, scheduler, spec, cond_embeds, uncond_embeds, generators, timer=None,
+                         init_image=None, tally=None):
     """Latent diffusion with classifier-free guidance, as StableDiffusionPipeline.
 
     `spec` gives the size, steps (or custom schedule), guidance, eta, strength and progress bar; `cond_embeds` /
