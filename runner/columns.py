@@ -6,14 +6,14 @@ evaluations), the metrics, the timings, and the status.
 """
 
 # What users sweep, in the order grids and reports show them.
-AXES = ("model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt", "strength", "precision",
+AXES = ("model", "scheduler", "schedule", "steps", "guidance", "seed", "prompt", "negative_prompt", "strength", "precision",
         "height", "width")
 # Every axis except scheduler and steps: images that share these show the same content, whatever solved it
 # (runner.convergence compares them with a reference).
 CONTENT_AXES = ("model", "prompt", "negative_prompt", "seed", "guidance", "height", "width", "precision", "strength",
                 "init_image")
 # The axes as a checked spec holds them (option names, not class names), first in every row.
-SPEC_COLUMNS = ("model", "scheduler", "precision", "steps", "guidance", "negative_prompt", "height", "width", "device",
+SPEC_COLUMNS = ("model", "scheduler", "schedule", "precision", "steps", "guidance", "negative_prompt", "height", "width", "device",
                 "dtype", "strength", "init_image", "scheduler_class", "model_name_or_path", "family")
 # runner.context.JobContext: where the row was drawn and as what.
 CONTEXT_COLUMNS = ("job_dir", "sweep_dir", "job_num", "overrides", "name", "config_hash", "worker_pid",
@@ -27,7 +27,7 @@ PIXEL_ENVIRONMENT_COLUMNS = ("torch_version", "diffusers_version", "transformers
 # Per image: model evaluations counted by the loop (runner.sampling.Tally).
 COST_COLUMNS = ("nfe", "unet_evals")
 # Written into each PNG's `runner` text chunk (and A1111's `parameters` line).
-PNG_KEYS = ("model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt", "height", "width",
+PNG_KEYS = ("model", "scheduler", "schedule", "steps", "guidance", "seed", "prompt", "negative_prompt", "height", "width",
             "strength", "init_image", "precision", "config_hash")
 # The short table of a W&B run and of the report: enough to read a row at a glance.
 SUMMARY_COLUMNS = ("model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt", "height", "width",

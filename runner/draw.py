@@ -47,6 +47,7 @@ def draw(spec, job_dir: Path, context: JobContext, listener=None) -> list[dict]:
 def draw_plan(spec, job_dir: Path, context: JobContext, plan: list, base: dict, clock) -> tuple[list, list]:
     """Steps 2 to 6 of the recipe: (rows, schedule) of a job whose every image is ok."""
     from runner.families import by_name
+    from runner.sampling import set_schedule
 
     family, timer = by_name(spec.family), clock.timer
     # 2. load, and 3. warm up
@@ -67,7 +68,7 @@ def draw_plan(spec, job_dir: Path, context: JobContext, plan: list, base: dict, 
         rows = add_image_metrics(spec, family, rows, [pictures.get(i) for i in range(len(plan))], job_dir)
     # 6. record the schedule the loop used, and the timings
     if not drawn:
-        scheduler.set_timesteps(spec.steps)  # nothing was drawn, so the schedule is set here to record it
+        set_schedule(scheduler, spec)  # nothing was drawn, so the schedule is set here to record it
     schedule = recorded_schedule(spec, family, scheduler)
     write_table(job_dir / SCHEDULE_FILE, schedule)
     times = clock.columns(len(rows), cached, warmed_up)
@@ -156,9 +157,16 @@ def save(job_dir: Path, row: dict, name: str, image, latent, tally) -> dict:
 
 
 def build_job_scheduler(spec, components):
+    """The job's diffusers scheduler; for a k-diffusion sampler, runner.ksampling's stand-in, which reads the
+    model's own scheduler for its alphas_cumprod and prediction type."""
     from runner.schedulers import build_scheduler
 
-    return build_scheduler(components.scheduler_config, spec.scheduler_class, spec.scheduler_kwargs)
+    scheduler = build_scheduler(components.scheduler_config, spec.scheduler_class, spec.scheduler_kwargs)
+    if getattr(spec, "scheduler_backend", "diffusers") == "k-diffusion":
+        from runner.ksampling import build
+
+        return build(scheduler, spec)
+    return scheduler
 
 
 def add_image_metrics(spec, family, rows: list[dict], pictures: list, job_dir: Path) -> list[dict]:
@@ -193,7 +201,7 @@ def schedule_mu(scheduler) -> float | None:
 def spec_columns(spec) -> dict:
     """runner.columns.SPEC_COLUMNS: the axes as typed (option names, not class names)."""
     s = spec
-    return dict(model=s.model, scheduler=s.scheduler, precision=s.precision, steps=s.steps, guidance=s.guidance,
+    return dict(model=s.model, scheduler=s.scheduler, schedule=s.schedule, precision=s.precision, steps=s.steps, guidance=s.guidance,
                 negative_prompt=s.negative_prompt, height=s.height, width=s.width, device=s.device, dtype=s.dtype,
                 strength=s.strength, init_image=s.init_image or "", scheduler_class=s.scheduler_class or "",
                 model_name_or_path=s.name_or_path, family=s.family)

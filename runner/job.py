@@ -81,6 +81,7 @@ def config_columns(cfg: DictConfig) -> dict:
     c = OmegaConf.to_container(cfg, resolve=True)
     seed, prompt = c.get("seed"), c.get("prompt")
     return dict(model=c["model"].get("name"), scheduler=c["scheduler"].get("name"),
+                schedule=(c.get("schedule") or {}).get("name"),
                 precision=c["precision"].get("name"), steps=c.get("steps"), guidance=c.get("guidance"),
                 seed=seed if isinstance(seed, int) else None,
                 prompt=prompt if isinstance(prompt, str) else json.dumps(prompt),

@@ -51,7 +51,8 @@ def a1111_parameters(p: dict) -> str:
     lines = [p.get("prompt", "")]
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
-    lines.append(f"Steps: {p['steps']}, Sampler: {p['scheduler']}, CFG scale: {p['guidance']}, Seed: {p['seed']}, "
+    schedule = f"Schedule type: {p['schedule']}, " if p.get("schedule", "default") != "default" else ""
+    lines.append(f"Steps: {p['steps']}, Sampler: {p['scheduler']}, {schedule}CFG scale: {p['guidance']}, Seed: {p['seed']}, "
                  f"Size: {p['width']}x{p['height']}, Model: {p['model']}")
     return "\n".join(lines)
 

@@ -14,8 +14,11 @@ def options(group):
 
 def test_every_group_has_its_options():
     assert options("scheduler") == sorted(["default", "ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "heun",
-                                           "dpmpp_2m", "dpmpp_2m_karras", "unipc", "flow_euler", "flow_euler_sde",
-                                           "flow_heun", "flow_dpmpp_2m", "flow_unipc"])
+                                           "dpmpp_2m", "dpmpp_2m_karras", "unipc", "flow_dpmpp_2m", "flow_euler",
+                                           "flow_euler_sde", "flow_heun", "flow_unipc", "lcm", "tcd", "k_euler",
+                                           "k_euler_a", "k_heun", "k_dpm_2", "k_lms", "k_dpmpp_2m", "k_dpmpp_sde",
+                                           "k_dpmpp_2m_sde", "k_dpmpp_3m_sde"])
+    assert options("schedule") == ["ays", "beta", "default", "exponential", "karras", "polyexponential"]
     assert options("precision") == ["auto", "bf16", "fp16", "fp32"]
     assert {"tiny-sd", "tiny-ddpm", "ddpm-cat-256", "sd-v1-4", "sd-v1-5", "sd-2-1"} <= set(options("model"))
     assert options("sampling") == ["default"]
@@ -24,6 +27,7 @@ def test_every_group_has_its_options():
 def test_defaults():
     cfg = compose_config()
     assert (cfg.model.name, cfg.scheduler.name, cfg.precision.name) == ("digits-sd", "default", "auto")
+    assert (cfg.schedule.name, cfg.schedule.timesteps, cfg.schedule.sigmas) == ("default", None, None)
     assert cfg.model.metric == "digits" and cfg.prompt == "a handwritten digit seven"
     assert cfg.negative_prompt == "" and cfg.seed == 0 and cfg.device == "auto"
 
