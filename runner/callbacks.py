@@ -22,6 +22,17 @@ def sweep_axes(overrides: list[str]) -> dict[str, int]:
             for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()}
 
 
+def refuse_empty_axes(overrides: list[str], axes: dict[str, int]) -> None:
+    """A swept key with no values (`seed=range(0,0)`) makes a sweep of no jobs: one line and exit 2, not a silent
+    success."""
+    for key, count in axes.items():
+        if count == 0:
+            typed = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), key)
+            print(f"error: {typed} is not allowed: a sweep over no values runs no job; give at least one value",
+                  file=sys.stderr)
+            sys.exit(2)
+
+
 class SweepResults(Callback):
     """Counts the jobs when a multirun starts; writes results.parquet/.csv and a failure summary when it ends."""
 
@@ -30,11 +41,14 @@ class SweepResults(Callback):
         overrides += [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
         try:
             axes = sweep_axes(overrides)
-            os.environ[SWEEP_SIZE_ENV] = str(math.prod(axes.values()))
-            os.environ[SWEPT_KEYS_ENV] = ",".join(axes)
         except Exception:  # a sweeper with its own syntax: the job lines show "?" and W&B names every override
+            axes = None
             os.environ.pop(SWEEP_SIZE_ENV, None)
             os.environ.pop(SWEPT_KEYS_ENV, None)
+        if axes is not None:
+            refuse_empty_axes(overrides, axes)
+            os.environ[SWEEP_SIZE_ENV] = str(math.prod(axes.values()))
+            os.environ[SWEPT_KEYS_ENV] = ",".join(axes)
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from runner.loggers import wandb

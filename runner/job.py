@@ -41,11 +41,14 @@ def run(cfg: DictConfig) -> str:
     log.info(f"[{context.job_num + 1}/{total}] {context.overrides or '(defaults)'}")
     # 2. dry run
     if cfg.dry_run:
-        from runner.dry_run import single_run_report
+        from runner.dry_run import print_report, single_run_report
 
-        print(single_run_report(cfg, list(hydra_cfg.overrides.task)))
+        text, refused = single_run_report(cfg, list(hydra_cfg.overrides.task))
+        print_report(text, refused, 1)
         discard_job_dir(job_dir)
-        return "ok"
+        if refused and not multirun:
+            sys.exit(2)
+        return "failed" if refused else "ok"
     # 3. resume
     if finished(job_dir, context.config_hash):
         log.info("  already done (same config, every image ok): skipped")

@@ -61,3 +61,21 @@ def test_an_invalid_model_index_is_reported_as_invalid_not_missing(model_copy, c
     (model_copy / "model_index.json").write_text(content)
     with pytest.raises(ConfigError, match=problem):
         make_spec(compose_config(f"model.name_or_path={model_copy}"))
+
+
+# ------------------------------------------------------------------ 12. dry runs and empty sweeps
+
+def test_a_dry_run_with_a_refused_value_exits_2(tmp_path):
+    single = run_cli("steps=0", "dry_run=true", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert single.returncode == 2 and "error: steps=0 is not allowed" in single.stdout
+    assert single.stderr.strip().splitlines()[-1].startswith("error: 1 of 1 job(s) would be refused")
+    sweep = run_cli("-m", "steps=1,0", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'dry'}", cwd=tmp_path)
+    assert sweep.returncode == 2 and "error: 1 of 2 job(s) would be refused" in sweep.stderr
+    assert not (tmp_path / "run").exists() and not (tmp_path / "dry").exists()
+
+
+@pytest.mark.parametrize("empty", ["seed=range(0,0)", "steps=range(5,1)"])
+def test_an_empty_sweep_is_one_line_and_exit_2(empty, tmp_path):
+    line = one_error_line(run_cli("-m", empty, "guidance=3,4", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path))
+    assert line == f"error: {empty} is not allowed: a sweep over no values runs no job; give at least one value"
+    assert not (tmp_path / "s").exists()

@@ -10,6 +10,7 @@ hydra_plugins namespace package, hence this location.
 """
 
 import logging
+import sys
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -39,7 +40,10 @@ class ModelOrderedSweeper(BasicSweeper):
         overrides = parser.parse_overrides(self._parse_config() + list(arguments))
         jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
         configs = [self.hydra_context.config_loader.load_sweep_config(self.config, list(job)) for job in jobs]
-        from runner.dry_run import report
+        from runner.dry_run import print_report, report
 
-        print(report(jobs, configs, self.config.get("dry_run_results", "results")))
+        text, refused = report(jobs, configs, self.config.get("dry_run_results", "results"))
+        print_report(text, refused, len(jobs))
+        if refused:
+            sys.exit(2)  # a sweep that would refuse points is not ready: say so to scripts too
         return []
