@@ -57,6 +57,17 @@ def from_hydra(cfg, hydra_cfg, multirun: bool) -> JobContext:
     )
 
 
+def unresolved(hydra_cfg, multirun: bool) -> JobContext:
+    """The context of a job whose config does not resolve: where it ran and as what, without config or hash."""
+    overrides = list(hydra_cfg.overrides.task)
+    return JobContext(job_dir=str(Path(hydra_cfg.runtime.output_dir).resolve()),
+                      sweep_dir=str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else "",
+                      job_num=hydra_cfg.job.num if multirun else 0, overrides=" ".join(overrides),
+                      name=short_name(overrides, os.environ.get(SWEPT_KEYS_ENV) if multirun else None),
+                      config_hash="", worker_pid=os.getpid(),
+                      cuda_visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES", ""), config="")
+
+
 def short_name(overrides: list[str], swept_keys: str | None) -> str:
     """The job's name: its swept overrides only (`scheduler=unipc guidance=7.5`), or all of them outside a sweep."""
     keys = set(swept_keys.split(",")) if swept_keys else None

@@ -30,7 +30,10 @@ def finished(job_dir: Path, config_hash: str) -> bool:
     rows_file = job_dir / ROWS_FILE
     if not rows_file.is_file():
         return False
-    rows = pd.read_parquet(rows_file)
+    try:
+        rows = pd.read_parquet(rows_file, columns=["status", "config_hash", "image_path"])
+    except Exception:  # truncated or foreign: not finished, so the job runs again (keeping the images it drew)
+        return False
     return (len(rows) > 0 and (rows["status"] == "ok").all() and (rows["config_hash"] == config_hash).all()
             and all((job_dir / p).is_file() for p in rows["image_path"]))
 

@@ -17,6 +17,8 @@ from runner.metrics import METRICS
 from runner.schedulers import ALLOWED_SCHEDULERS
 
 MAX_SEED = 2**63 - 1
+MAX_STEPS = 10_000  # far beyond any sampler's use (1000 training timesteps), far below an overflow
+MAX_SIDE = 16_384  # pixels per side; the area has its own budget (MAX_PIXELS)
 DEVICES = "auto | cpu | cuda | cuda:N"
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
@@ -255,7 +257,7 @@ def make_spec(cfg: DictConfig) -> Spec:
     c = OmegaConf.to_container(cfg, resolve=True)
     model, sched, prec, sampling = c["model"], c["scheduler"], c["precision"], c["sampling"]
 
-    steps = as_int("steps", c["steps"], 1, None, "an integer >= 1")
+    steps = as_int("steps", c["steps"], 1, MAX_STEPS, f"an integer >= 1, at most {MAX_STEPS}")
     guidance = as_number("guidance", c["guidance"], 0, "a number >= 0 (<= 1 turns classifier-free guidance off)")
     seeds = as_list(c["seed"])
     if not seeds:
@@ -297,7 +299,8 @@ def make_spec(cfg: DictConfig) -> Spec:
         value = c[key]
         if value is None:
             value = info.default_size
-        as_int(key, value, 1, None, f"a positive multiple of {info.size_multiple} (the model's latent scale)")
+        as_int(key, value, 1, MAX_SIDE, f"a positive multiple of {info.size_multiple} (the model's latent scale), "
+               f"at most {MAX_SIDE}")
         if value % info.size_multiple:
             fail(key, value, f"a positive multiple of {info.size_multiple} (the model's latent scale)")
         sizes[key] = value

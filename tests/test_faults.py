@@ -79,3 +79,107 @@ def test_an_empty_sweep_is_one_line_and_exit_2(empty, tmp_path):
     line = one_error_line(run_cli("-m", empty, "guidance=3,4", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path))
     assert line == f"error: {empty} is not allowed: a sweep over no values runs no job; give at least one value"
     assert not (tmp_path / "s").exists()
+
+
+# ------------------------------------------------------------------ 1. one bad point never stops the sweep's table
+
+def corrupt_model(model_dir: Path, case: str) -> None:
+    """A model dir broken in one of the ways a careless copy or a hostile file breaks it."""
+    if case == "model_index is a list":
+        (model_dir / "model_index.json").write_text("[1, 2]")
+    elif case == "unet config without sample_size":
+        config = json.loads((model_dir / "unet" / "config.json").read_text())
+        del config["sample_size"]
+        (model_dir / "unet" / "config.json").write_text(json.dumps(config))
+    else:  # a safetensors header that is valid JSON but not an object, or with string offsets
+        weights = model_dir / "unet" / "diffusion_pytorch_model.safetensors"
+        header = b"[1, 2, 3]" if case == "safetensors header is a list" else \
+            b'{"w": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "x"]}}'
+        weights.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+
+
+MODEL_FAULTS = ["model_index is a list", "unet config without sample_size", "safetensors header is a list",
+                "safetensors offsets are strings"]
+
+
+@pytest.mark.parametrize("case", MODEL_FAULTS)
+def test_a_broken_model_dir_is_one_line_for_a_run(case, model_copy, tmp_path):
+    corrupt_model(model_copy, case)
+    line = one_error_line(run_cli(f"model.name_or_path={model_copy}", f"hydra.run.dir={tmp_path / 'run'}",
+                                  cwd=tmp_path))
+    assert line.startswith(f"error: model.name_or_path={str(model_copy)!r} is not allowed: ")
+    assert not (tmp_path / "run").exists()
+
+
+BAD_POINTS = [("seed", "18446744073709551616"), ("steps", "18446744073709551616"), ("height", str(2**63)),
+              ("width", str(2**64))]
+
+
+@pytest.mark.parametrize("key,value", BAD_POINTS)
+def test_a_huge_value_is_one_line_for_a_run(key, value, tmp_path):
+    line = one_error_line(run_cli(f"{key}={value}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path))
+    assert line.startswith(f"error: {key}={value} is not allowed: ")
+
+
+def test_every_bad_point_becomes_its_failed_row_and_the_table_is_still_written(model_copy, tmp_path):
+    broken = []
+    for case in MODEL_FAULTS:
+        broken.append(tmp_path / case.replace(" ", "_"))
+        shutil.copytree(model_copy, broken[-1])
+        corrupt_model(broken[-1], case)
+    sweep = tmp_path / "sweep"
+    models = [str(model_copy), *map(str, broken)]
+    result = run_cli("-m", "steps=1", "seed=0,18446744073709551616", f"model.name_or_path={','.join(models)}",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    table = pd.read_parquet(sweep / "results.parquet")
+    assert len(table) == 10  # 5 models x 2 seeds: every point has its row
+    assert list(table[table.status == "ok"].model_name_or_path) == [str(model_copy)]
+    assert (sweep / "grid.png").is_file() and (sweep / "results.csv").is_file()
+    for directory in broken:
+        assert table[(table.model_name_or_path == str(directory)) & (table.seed == "0")].error.iloc[0].startswith(
+            f"model.name_or_path={str(directory)!r} is not allowed: ")
+    huge_seed = table[table.seed == "18446744073709551616"]
+    assert len(huge_seed) == 5 and all(e.startswith("seed=18446744073709551616 is not allowed") for e in huge_seed.error)
+    summary = [line for line in result.stdout.splitlines() if "  failed: " in line]  # the failure summary
+    assert len(summary) == 9 and sum(": seed=18446744073709551616 is not allowed" in line for line in summary) == 5
+
+
+def test_huge_steps_and_sizes_fail_only_their_points(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "model=tiny-sd", f"steps=1,{2**64}", f"height=64,{2**63}", f"width=64,{2**64}",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    table = pd.read_parquet(sweep / "results.parquet")
+    assert len(table) == 8 and (table.status == "ok").sum() == 1
+    assert {e.split(" is not allowed")[0] for e in table[table.status != "ok"].error} == {
+        f"steps={2**64}", f"height={2**63}", f"width={2**64}"}
+
+
+def test_a_truncated_rows_file_is_redrawn_on_resume(tmp_path):
+    sweep = tmp_path / "sweep"
+    args = ("-m", "model=tiny-sd", "steps=1", "seed=[0,1]", f"hydra.sweep.dir={sweep}")
+    assert run_cli(*args, cwd=tmp_path).returncode == 0
+    rows = sweep / "0" / "rows.parquet"
+    rows.write_bytes(rows.read_bytes()[:300])
+    from runner.jobdir import finished
+
+    assert finished(sweep / "0", "any") is False
+    resumed = run_cli(*args, cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "2 of 2 image(s) already drawn for this config: kept" in resumed.stdout + resumed.stderr
+    assert len(pd.read_parquet(sweep / "results.parquet")) == 2
+
+
+def test_an_exception_outside_the_drawing_fails_only_its_point(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "model=tiny-sd", "steps=1", "seed=0,1,${oc.env:RUNNER_NO_SUCH_VARIABLE}",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"RUNNER_FAULT": "1:crash"})
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    table = pd.read_parquet(sweep / "results.parquet").sort_values("job_num")
+    assert list(table.status) == ["ok", "failed", "failed"]
+    assert table.error.iloc[1] == "RuntimeError: crash injected by RUNNER_FAULT"
+    assert "crash injected" in (sweep / "1" / "error.txt").read_text()  # the traceback
+    assert table.error.iloc[2].startswith("seed='${oc.env:RUNNER_NO_SUCH_VARIABLE}' is not allowed: it does not resolve")
+    single = run_cli("seed=${oc.env:RUNNER_NO_SUCH_VARIABLE}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert one_error_line(single).startswith("error: seed='${oc.env:RUNNER_NO_SUCH_VARIABLE}' is not allowed: it does not resolve")
