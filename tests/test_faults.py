@@ -183,3 +183,31 @@ def test_an_exception_outside_the_drawing_fails_only_its_point(tmp_path):
     assert table.error.iloc[2].startswith("seed='${oc.env:RUNNER_NO_SUCH_VARIABLE}' is not allowed: it does not resolve")
     single = run_cli("seed=${oc.env:RUNNER_NO_SUCH_VARIABLE}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert one_error_line(single).startswith("error: seed='${oc.env:RUNNER_NO_SUCH_VARIABLE}' is not allowed: it does not resolve")
+
+
+# ------------------------------------------------------------------ 4. NaN images are failed points, not ok
+
+@pytest.mark.parametrize("override,key", [
+    ("guidance=inf", "guidance"), ("guidance=1e30", "guidance"), ("guidance=nan", "guidance"),
+    ("sampling.eta=inf", "sampling.eta"), ("sampling.eta=5", "sampling.eta"), ("strength=inf", "strength"),
+    ("+scheduler.kwargs.beta_start=-inf", "scheduler.kwargs.beta_start"), ("shift=inf", "shift"),
+])
+def test_non_finite_and_absurd_numbers_are_refused(override, key):
+    model = "model=tiny-sd3" if key == "shift" else "model=tiny-sd"
+    with pytest.raises(ConfigError, match=rf"^{key}=.* is not allowed: "):
+        make_spec(compose_config(model, override))
+
+
+def test_non_finite_latents_fail_the_point_with_no_image(model_copy, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("conv_out.bias"))
+    tensors[name] = tensors[name] * float("nan")  # a broken checkpoint: the UNet's output is NaN
+    save_file(tensors, weights)
+    from conftest import run_job_in
+
+    rows = run_job_in(tmp_path / "job", f"model.name_or_path={model_copy}", "steps=2")
+    assert rows[0]["status"] == "failed" and "not finite (NaN or inf)" in rows[0]["error"]
+    assert not list((tmp_path / "job").rglob("*.png"))
