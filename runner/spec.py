@@ -13,13 +13,16 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from runner import families
-from runner.checks import as_int, as_list, as_number, fail
+from runner.checks import ConfigError, as_int, as_list, as_number, fail
 from runner.metrics import METRICS
 from runner.schedulers import ALLOWED_SCHEDULERS
 
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 10_000  # far beyond any sampler's use (1000 training timesteps), far below an overflow
 MAX_SIDE = 16_384  # pixels per side; the area has its own budget (MAX_PIXELS)
+# Pixels per image: 4096x4096 (SD at 512x512 is 1/64 of it). Larger sizes were refused only by the allocator, after
+# the model loaded (100000x100000 asked for 10 GB of latents, and attention grows with the square of the pixels).
+MAX_PIXELS = 4096 * 4096
 # Beyond these the loop's numbers overflow to NaN (guidance=1e30 drew all-NaN latents and a black PNG recorded as
 # ok); the bounds sit far above any useful setting.
 MAX_GUIDANCE = 100.0
@@ -330,6 +333,10 @@ def make_spec(cfg: DictConfig) -> Spec:
         if value % info.size_multiple:
             fail(key, value, f"a positive multiple of {info.size_multiple} (the model's latent scale)")
         sizes[key] = value
+    if sizes["height"] * sizes["width"] > MAX_PIXELS:
+        raise ConfigError(f"height x width={sizes['height']}x{sizes['width']} is not allowed: at most {MAX_PIXELS} "
+                          f"pixels per image (4096x4096); the latents and activations of larger images do not fit "
+                          "in memory")
 
     family = info.family
     kwargs = scheduler_kwargs(sched["name"], class_name, kwargs, family, info.scheduler_config, c.get("shift"))

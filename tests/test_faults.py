@@ -211,3 +211,15 @@ def test_non_finite_latents_fail_the_point_with_no_image(model_copy, tmp_path):
     rows = run_job_in(tmp_path / "job", f"model.name_or_path={model_copy}", "steps=2")
     assert rows[0]["status"] == "failed" and "not finite (NaN or inf)" in rows[0]["error"]
     assert not list((tmp_path / "job").rglob("*.png"))
+
+
+# ------------------------------------------------------------------ 13. image size within a pixel budget
+
+def test_an_image_too_large_for_memory_is_refused_before_loading(tmp_path):
+    from runner.spec import MAX_PIXELS
+
+    line = one_error_line(run_cli("height=100000", "width=100000", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path))
+    assert line.startswith("error: height=100000 is not allowed: ") and "at most 16384" in line
+    with pytest.raises(ConfigError, match=rf"^height x width=8192x4096 is not allowed: at most {MAX_PIXELS} pixels"):
+        make_spec(compose_config("model=tiny-sd", "height=8192", "width=4096"))
+    assert make_spec(compose_config("model=tiny-sd", "height=4096", "width=4096")).height == 4096
