@@ -36,6 +36,11 @@ def refuse_empty_axes(overrides: list[str], axes: dict[str, int]) -> None:
 class SweepResults(Callback):
     """Counts the jobs when a multirun starts; writes results.parquet/.csv and a failure summary when it ends."""
 
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from runner.jobdir import remember_before
+
+        remember_before(Path(config.hydra.run.dir))  # before Hydra writes there: a refusal undoes only its own
+
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         overrides = list(config.hydra.overrides.task)
         overrides += [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
@@ -49,9 +54,41 @@ class SweepResults(Callback):
             refuse_empty_axes(overrides, axes)
             os.environ[SWEEP_SIZE_ENV] = str(math.prod(axes.values()))
             os.environ[SWEPT_KEYS_ENV] = ",".join(axes)
+        if config.get("dry_run"):  # a sweeper that launches dry-run jobs (hydra/sweeper=basic): leave no trace
+            self.remember_sweep_dir(Path(config.hydra.sweep.dir))
+
+    def remember_sweep_dir(self, sweep_dir: Path) -> None:
+        """Before a dry run's jobs: what the sweep dir and its job dirs hold, so that each job and the end of the
+        sweep undo only what Hydra wrote (runner.jobdir.discard_job_dir)."""
+        from runner.jobdir import remember_before
+
+        multirun = sweep_dir / "multirun.yaml"
+        self.dry_run_before = {"existed": sweep_dir.is_dir(),
+                               "multirun": multirun.read_bytes() if multirun.is_file() else None}
+        for job_dir in (p for p in sweep_dir.iterdir() if p.is_dir()) if sweep_dir.is_dir() else ():
+            remember_before(job_dir)
+
+    def undo_dry_run(self, sweep_dir: Path) -> None:
+        from runner.record import atomic_write_bytes
+
+        before = getattr(self, "dry_run_before", {"existed": True, "multirun": None})
+        multirun = sweep_dir / "multirun.yaml"
+        if before["multirun"] is not None:
+            atomic_write_bytes(multirun, before["multirun"])
+        elif multirun.is_file():
+            multirun.unlink()
+        if not before["existed"]:
+            try:
+                sweep_dir.rmdir()
+            except OSError:
+                pass
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from runner.loggers import wandb
+
+        if config.get("dry_run"):  # nothing ran: no table, and the sweep dir as it was
+            self.undo_dry_run(Path(config.hydra.sweep.dir))
+            return
 
         # Hydra turns a callback's exception into a warning: a sweep whose table could not be written must still fail.
         try:

@@ -223,3 +223,31 @@ def test_an_image_too_large_for_memory_is_refused_before_loading(tmp_path):
     with pytest.raises(ConfigError, match=rf"^height x width=8192x4096 is not allowed: at most {MAX_PIXELS} pixels"):
         make_spec(compose_config("model=tiny-sd", "height=8192", "width=4096"))
     assert make_spec(compose_config("model=tiny-sd", "height=4096", "width=4096")).height == 4096
+
+
+# ------------------------------------------------------------------ 3. a refusal or dry run removes only its own
+
+def tree(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None for p in sorted(directory.rglob("*"))}
+
+
+def test_a_refused_run_in_a_used_dir_removes_only_what_it_wrote(tmp_path):
+    work = tmp_path / "D"
+    (work / ".hydra").mkdir(parents=True)
+    (work / "important.log").write_text("x\n")
+    before = tree(work)
+    result = run_cli("steps=0", "hydra.run.dir=.", cwd=work)
+    assert result.returncode == 2
+    assert tree(work) == before
+
+
+def test_dry_runs_leave_finished_jobs_reproducible(small_sweep, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(small_sweep, sweep)
+    before = tree(sweep)
+    single = run_cli("dry_run=true", f"hydra.run.dir={sweep / '0'}", cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    basic = run_cli("-m", "hydra/sweeper=basic", "scheduler=ddim,euler_a", "steps=2,4", "seed=[0,1]",
+                    "sampling.progress=false", "dry_run=true", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert basic.returncode == 0, basic.stderr
+    assert tree(sweep) == before  # .hydra/ files, logs, multirun.yaml and the table all as they were
