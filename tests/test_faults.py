@@ -251,3 +251,60 @@ def test_dry_runs_leave_finished_jobs_reproducible(small_sweep, tmp_path):
                     "sampling.progress=false", "dry_run=true", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert basic.returncode == 0, basic.stderr
     assert tree(sweep) == before  # .hydra/ files, logs, multirun.yaml and the table all as they were
+
+
+# ------------------------------------------------------------------ 5, 6. reproduce redraws, in a fresh place
+
+def run_reproduce(*args, cwd, env=None):
+    import os
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "runner.reproduce", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, **(env or {})))
+
+
+@pytest.mark.parametrize("where", ["a copy of the job", "the job itself", "inside the job"])
+def test_reproduce_refuses_an_out_dir_that_is_not_fresh(where, small_sweep, tmp_path):
+    job = tmp_path / "job"
+    shutil.copytree(small_sweep / "0", job)
+    out = {"a copy of the job": tmp_path / "out", "the job itself": job, "inside the job": job / "again"}[where]
+    if where == "a copy of the job":
+        shutil.copytree(job, out)  # matching images already there: kept, they would say "identical" unseen
+    before = tree(tmp_path)
+    line = one_error_line(run_reproduce(job, "--out", out, cwd=tmp_path))
+    assert line.startswith(f"error: --out={str(out)!r} is not allowed: ")
+    assert tree(tmp_path) == before
+
+
+def test_reproduce_reports_a_job_it_cannot_rerun_in_one_line_and_goes_on(small_sweep, tmp_path):
+    sweep = tmp_path / "sweep"
+    shutil.copytree(small_sweep, sweep)
+    shutil.rmtree(sweep / "3")
+    (sweep / "0" / ".hydra" / "config.yaml").write_text("steps: [unclosed\n")
+    config = (sweep / "1" / ".hydra" / "config.yaml").read_text()
+    (sweep / "1" / ".hydra" / "config.yaml").write_text(config.replace("steps: 4", "steps: 0"))
+    result = run_reproduce(sweep, "--out", tmp_path / "out", cwd=tmp_path)
+    assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert any(line.startswith(f"{sweep / '0'}: could not be re-run: ") for line in lines)
+    assert "  could not be re-run: steps=0 is not allowed: an integer >= 1, at most 10000" in lines
+    assert sum(line.startswith("  identical images/") for line in lines) == 2  # job 2 still ran
+    assert lines[-1] == "1/3 job(s) reproduced identically"
+
+
+def test_reproduce_redraws_on_the_recorded_thread_count(tmp_path):
+    job = tmp_path / "job"
+    drawn = run_cli("model=tiny-sd", "steps=2", f"hydra.run.dir={job}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert drawn.returncode == 0, drawn.stderr
+    assert list(pd.read_parquet(job / "rows.parquet").cpu_threads) == [1]
+    result = run_reproduce(job, "--out", tmp_path / "again", cwd=tmp_path, env={"OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "warning: cpu_threads" not in result.stdout
+    assert list(pd.read_parquet(tmp_path / "again" / "rows.parquet").cpu_threads) == [1]
+
+
+def test_reproduce_warns_when_the_thread_count_differs():
+    from runner.reproduce import environment_warnings
+
+    assert environment_warnings([{"cpu_threads": 1}], [{"cpu_threads": 2}]) == ["warning: cpu_threads was 1, now 2"]
