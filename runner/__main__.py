@@ -143,4 +143,7 @@ def main(cfg: DictConfig) -> str:
 if __name__ == "__main__":
     sys.argv[1:] = absolute_config_path(sys.argv[1:])
     warn_unknown_top_level_keys(sys.argv[1:])
+    from runner.context import redact_log_records
+
+    redact_log_records()  # Hydra logs each job's overrides: +db_password=... must not reach a log
     main()

@@ -35,6 +35,7 @@ def run(cfg: DictConfig) -> str:
 
     hydra_cfg = HydraConfig.get()
     pin_worker_gpu(hydra_cfg.launcher.get("_target_", ""))  # before anything initialises CUDA in this process
+    job_context.redact_log_records()  # also in launcher workers, which never ran runner.__main__
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     job_dir = Path(hydra_cfg.runtime.output_dir)
     try:
@@ -186,7 +187,10 @@ def cell(value):
 def keep_hydra_settings(saved_dir: Path | None) -> None:
     """Hydra saves the job's composed config without the `hydra` node, so `python -m runner --config-path
     <job>/.hydra --config-name config` would run with Hydra's own defaults (outputs/ dirs, no sweep callback).
-    Add our settings back; Hydra strips the node from the job's config again, so the config hash is unchanged."""
+    Add our settings back; Hydra strips the node from the job's config again, so the config hash is unchanged.
+    Secret-looking values typed on the command line (+db_password=...) are *** in every file Hydra saved there:
+    the runner reads no such key, and the hash counts them as ***."""
+    from runner.context import redact_yaml
     from runner.record import atomic_write_bytes
 
     path = saved_dir / "config.yaml" if saved_dir else None
@@ -196,3 +200,7 @@ def keep_hydra_settings(saved_dir: Path | None) -> None:
     if "hydra" not in saved:
         saved.hydra = OmegaConf.load(CONF_DIR / "config.yaml").hydra
         atomic_write_bytes(path, OmegaConf.to_yaml(saved).encode())
+    for saved_file in saved_dir.glob("*.yaml"):
+        text = saved_file.read_text()
+        if redact_yaml(text) != text:
+            atomic_write_bytes(saved_file, redact_yaml(text).encode())

@@ -12,6 +12,7 @@ and the next job goes on. Exit 0 when every image is identical, 1 when any diffe
 import argparse
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -23,23 +24,45 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
-def saved_config(job_dir: Path):
-    """The job's composed config, without the `hydra` node (our settings, kept for plain-Hydra re-runs)."""
-    from omegaconf import OmegaConf, open_dict
+def saved_config(job_dir: Path, recorded: dict | None = None):
+    """The job's composed config, without the `hydra` node (our settings, kept for plain-Hydra re-runs), and with
+    every `${oc.env:NAME}` replaced by the value the job recorded (`recorded`: its row's resolved config)."""
+    from omegaconf import OmegaConf
 
-    cfg = OmegaConf.load(job_dir / ".hydra" / "config.yaml")
-    with open_dict(cfg):
-        cfg.pop("hydra", None)
-    return cfg
+    saved = OmegaConf.to_container(OmegaConf.load(job_dir / ".hydra" / "config.yaml"), resolve=False)
+    saved.pop("hydra", None)
+    return OmegaConf.create(without_environment(saved, recorded or {}))
 
 
-def rerun(job_dir: Path, new_dir: Path, cpu_threads: int | None = None) -> list[dict]:
-    """Run the saved job again into `new_dir` (on `cpu_threads` torch threads where given); returns the new rows."""
+def without_environment(config, recorded, path: str = ""):
+    """A saved config never reads this machine's environment into new files: a results tree from elsewhere could
+    name `${oc.env:AWS_SECRET_ACCESS_KEY}` as its prompt, and the new PNG's text would carry the secret. Each such
+    value is the one the job recorded when it ran; a job that recorded none (or ***) is refused."""
+    from runner.checks import fail
+    from runner.context import REDACTED
+
+    if isinstance(config, dict):
+        return {k: without_environment(v, (recorded or {}).get(k) if isinstance(recorded, dict) else None,
+                                       f"{path}.{k}" if path else str(k)) for k, v in config.items()}
+    if isinstance(config, list):
+        return [without_environment(v, recorded[i] if isinstance(recorded, list) and i < len(recorded) else None,
+                                    f"{path}[{i}]") for i, v in enumerate(config)]
+    if isinstance(config, str) and "oc.env" in config:
+        if recorded is None or recorded == REDACTED or (isinstance(recorded, str) and "oc.env" in recorded):
+            fail(path, config, "a value written out: reproduce never reads this machine's environment into its "
+                 "outputs, and the job recorded no value for it")
+        return recorded
+    return config
+
+
+def rerun(job_dir: Path, new_dir: Path, cpu_threads: int | None = None, recorded_config: dict | None = None) -> list[dict]:
+    """Run the saved job again into `new_dir` (on `cpu_threads` torch threads where given, `${oc.env:...}` as
+    `recorded_config` holds them); returns the new rows."""
     from runner.context import standalone
     from runner.draw import draw
     from runner.spec import make_spec
 
-    cfg = saved_config(job_dir)
+    cfg = saved_config(job_dir, recorded_config)
     spec = make_spec(cfg)
     with torch_threads(cpu_threads if spec.device == "cpu" else None):
         return draw(spec, new_dir, standalone(cfg, new_dir, overrides=f"reproduce {job_dir}"))
@@ -123,13 +146,14 @@ def reproduce_job(job_dir: Path, new_dir: Path) -> bool:
 
     try:
         saved_rows = pd.read_parquet(job_dir / ROWS_FILE).to_dict("records")
-        saved_config(job_dir)  # invalid YAML is refused here, before anything is written
+        recorded = json.loads(saved_rows[0]["config"]) if saved_rows and saved_rows[0].get("config") else {}
+        saved_config(job_dir, recorded)  # invalid YAML or an unrecorded oc.env is refused before anything is written
     except Exception as err:
         print(f"{job_dir}: could not be re-run: {one_line(err)}")
         return False
     print(f"{job_dir} → {new_dir}")
     try:
-        new_rows = rerun(job_dir, new_dir, recorded_threads(saved_rows))
+        new_rows = rerun(job_dir, new_dir, recorded_threads(saved_rows), recorded)
     except Exception as err:  # ConfigError: the saved config fails today's check
         print(f"  could not be re-run: {one_line(err)}")
         return False

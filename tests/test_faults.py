@@ -308,3 +308,54 @@ def test_reproduce_warns_when_the_thread_count_differs():
     from runner.reproduce import environment_warnings
 
     assert environment_warnings([{"cpu_threads": 1}], [{"cpu_threads": 2}]) == ["warning: cpu_threads was 1, now 2"]
+
+
+# ------------------------------------------------------------------ 8. secrets typed into the config
+
+TYPED_SECRETS = ("hunter2sentinel", "hf_typedsentinel0", "hf_typedsentinel1")
+
+
+def test_typed_secrets_reach_no_file_log_or_wandb_run(tmp_path):
+    from wandb_records import read_run
+
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "model=tiny-sd", "steps=1", f"+db_password={TYPED_SECRETS[0]}",
+                     f"+model.hf_token={TYPED_SECRETS[1]},{TYPED_SECRETS[2]}", "wandb.mode=offline",
+                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"WANDB_MODE": None})
+    assert result.returncode == 0, result.stderr
+    files = [p for p in sweep.rglob("*") if p.is_file()]
+    assert {"results.csv", "results.parquet", "runner.log", "rows.parquet", "overrides.yaml", "multirun.yaml"} <= {
+        p.name for p in files}
+    for path in files:
+        for secret in TYPED_SECRETS:
+            assert secret.encode() not in path.read_bytes(), f"{secret} leaked into {path}"
+    for secret in TYPED_SECRETS:
+        assert secret not in result.stdout + result.stderr
+    table = pd.read_parquet(sweep / "results.parquet")
+    assert sorted(table.name) == ["+model.hf_token=***", "+model.hf_token=***"]
+    assert all('"db_password": "***"' in c and '"hf_token": "***"' in c for c in table.config)
+    names = {read_run(d)["run"].display_name for d in (sweep / "wandb").glob("offline-run-*")}
+    assert names == {"+model.hf_token=***", "sweep-summary"}
+    assert len(set(table.config_hash)) == 1  # a secret never changes an image: both points hash the same
+
+
+def test_reproduce_never_reads_the_environment_into_new_files(tmp_path):
+    job = tmp_path / "job"
+    drawn = run_cli("model=tiny-sd", "steps=1", "prompt=${oc.env:RUNNER_TEST_PROMPT}", f"hydra.run.dir={job}",
+                    cwd=tmp_path, env={"RUNNER_TEST_PROMPT": "a cat"})
+    assert drawn.returncode == 0, drawn.stderr
+    config = job / ".hydra" / "config.yaml"
+    # a results tree from elsewhere, whose config would read the reproducing user's secret
+    config.write_text(config.read_text().replace("${oc.env:RUNNER_TEST_PROMPT}", "${oc.env:AWS_SECRET_ACCESS_KEY}"))
+    secret = {"AWS_SECRET_ACCESS_KEY": "aws0secret0sentinel", "RUNNER_TEST_PROMPT": "aws0secret0sentinel"}
+    result = run_reproduce(job, "--out", tmp_path / "again", cwd=tmp_path, env=secret)
+    assert result.returncode == 0, result.stdout + result.stderr  # drawn with the prompt the job recorded
+    for path in (p for p in (tmp_path / "again").rglob("*") if p.is_file()):
+        assert b"aws0secret0sentinel" not in path.read_bytes(), path
+    assert '"prompt": "a cat"' in (tmp_path / "again" / "images" / "000_seed0.png").read_bytes().decode("latin-1")
+
+    config.write_text(config.read_text() + "extra: ${oc.env:AWS_SECRET_ACCESS_KEY}\n")  # no recorded value
+    refused = run_reproduce(job, "--out", tmp_path / "third", cwd=tmp_path, env=secret)
+    assert refused.returncode == 1 and "could not be re-run: extra='${oc.env:AWS_SECRET_ACCESS_KEY}' is not " \
+                                      "allowed: a value written out" in refused.stdout
+    assert not (tmp_path / "third").exists()

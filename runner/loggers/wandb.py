@@ -14,17 +14,15 @@ import logging
 import netrc
 import os
 import queue
-import re
 import sys
 from pathlib import Path
 from time import perf_counter
 
 from runner.columns import ENVIRONMENT_COLUMNS, JOB_SUMMARY_PREFIXES, SCORE_COLUMNS, SUMMARY_COLUMNS
+from runner.context import is_secret, redact_text
 
 log = logging.getLogger("runner")
 
-# Config keys and environment names that may hold credentials: never logged.
-SECRET_PATTERN = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
 # As env.* run config keys (not the hostname: a run's page may be shared beyond the machine's users).
 ENV_CONFIG_COLUMNS = (*(c for c in ENVIRONMENT_COLUMNS if c != "hostname"), "model_revision", "device", "dtype")
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # jobs run one by one in this process
@@ -129,7 +127,7 @@ def flatten(config: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if SECRET_PATTERN.search(str(key)):
+        if is_secret(key):  # left out, not even as ***
             continue
         if isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
@@ -140,7 +138,7 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 def scrub(text: str) -> str:
     """Command-line arguments as W&B would record them, without any secret-looking `key=value`."""
-    return re.sub(r"([^\s=]*" + SECRET_PATTERN.pattern + r"[^\s=]*=)\S+", r"\1***", text)
+    return redact_text(text)
 
 
 def _settings(wandb, timeout_s: float):
