@@ -102,7 +102,10 @@ def warn_unknown_top_level_keys(argv: list[str]) -> None:
         overrides = OverridesParser.create().parse_overrides([a for a in argv if "=" in a and not a.startswith("-")])
     except Exception:  # Hydra reports a bad override itself
         return
-    known = set(OmegaConf.load(CONF_DIR / "config.yaml").keys()) | {"model", "scheduler", "precision", "sampling"}
+    from runner.sweepdir import APPEND_KEY
+
+    known = set(OmegaConf.load(CONF_DIR / "config.yaml").keys()) | {"model", "scheduler", "precision", "sampling",
+                                                                       APPEND_KEY}
     for override in overrides:
         key = override.key_or_group
         if override.is_add() and "." not in key and "/" not in key and key not in known:

@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from runner.context import SWEEP_SIZE_ENV, SWEPT_KEYS_ENV
 
 log = logging.getLogger("runner")
+ORDERED_SWEEPER = "hydra_plugins.runner_sweeper.ordered_sweeper.ModelOrderedSweeper"
 
 
 def sweep_axes(overrides: list[str]) -> dict[str, int]:
@@ -56,6 +57,14 @@ class SweepResults(Callback):
             os.environ[SWEPT_KEYS_ENV] = ",".join(axes)
         if config.get("dry_run"):  # a sweeper that launches dry-run jobs (hydra/sweeper=basic): leave no trace
             self.remember_sweep_dir(Path(config.hydra.sweep.dir))
+            return
+        from runner import sweepdir
+
+        own_sweeper = config.hydra.sweeper.get("_target_") == ORDERED_SWEEPER
+        first_job = sweepdir.start(Path(config.hydra.sweep.dir), overrides,
+                                   math.prod(axes.values()) if axes is not None else None,
+                                   bool(config.get(sweepdir.APPEND_KEY)), own_sweeper)
+        os.environ[sweepdir.FIRST_JOB_ENV] = str(first_job)
 
     def remember_sweep_dir(self, sweep_dir: Path) -> None:
         """Before a dry run's jobs: what the sweep dir and its job dirs hold, so that each job and the end of the
@@ -91,6 +100,8 @@ class SweepResults(Callback):
             return
 
         # Hydra turns a callback's exception into a warning: a sweep whose table could not be written must still fail.
+        from runner import sweepdir
+
         try:
             wandb.wait_background()  # the jobs' W&B runs, written beside the sampling
             self.write_sweep_results(config)
@@ -99,6 +110,7 @@ class SweepResults(Callback):
             sys.exit(1)
         finally:
             wandb.finish_background()
+            sweepdir.unlock()
 
     def write_sweep_results(self, config: DictConfig) -> None:
         from runner import results
@@ -106,10 +118,18 @@ class SweepResults(Callback):
         from runner.convergence import add_convergence
         from runner.record import write_table
 
+        from runner import sweepdir
+
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return
-        df = results.load(sweep_dir)
+        # only the jobs of the sweeps this dir records: not a parent dir's other results, nor stray job dirs
+        job_dirs = sweepdir.job_dirs(sweep_dir)
+        df = results.load(*job_dirs) if job_dirs else None
+        if df is None or df.empty:
+            return
+        sweeps = sweepdir.recorded_sweeps(sweep_dir)
+        df = df[[sweepdir.owns_job(sweeps, n) for n in df["job_num"]]].reset_index(drop=True)
         if df.empty:
             return
         try:

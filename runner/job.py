@@ -23,6 +23,7 @@ from runner.checks import ConfigError
 from runner.faults import inject_fault
 from runner.jobdir import ROWS_FILE, discard_job_dir, finished
 from runner.record import write_table
+from runner.sweepdir import FIRST_JOB_ENV
 
 log = logging.getLogger("runner")
 
@@ -58,7 +59,8 @@ def run_point(cfg: DictConfig, hydra_cfg, job_dir: Path, multirun: bool) -> str:
     context = job_context.from_hydra(cfg, hydra_cfg, multirun)
     keep_hydra_settings(job_dir / hydra_cfg.output_subdir if hydra_cfg.output_subdir else None)
     total = os.environ.get(job_context.SWEEP_SIZE_ENV, "?") if multirun else "1"
-    log.info(f"[{context.job_num + 1}/{total}] {context.overrides or '(defaults)'}")
+    first = int(os.environ.get(FIRST_JOB_ENV, "0")) if multirun else 0  # after the jobs of sweeps appended to
+    log.info(f"[{context.job_num - first + 1}/{total}] {context.overrides or '(defaults)'}")
     # 2. dry run
     if cfg.dry_run:
         from runner.dry_run import print_report, single_run_report

@@ -359,3 +359,61 @@ def test_reproduce_never_reads_the_environment_into_new_files(tmp_path):
     assert refused.returncode == 1 and "could not be re-run: extra='${oc.env:AWS_SECRET_ACCESS_KEY}' is not " \
                                       "allowed: a value written out" in refused.stdout
     assert not (tmp_path / "third").exists()
+
+
+# ------------------------------------------------------------------ 2. a sweep dir holds one sweep (or appended ones)
+
+def test_a_different_sweep_into_a_used_dir_is_refused_unless_appended(tmp_path):
+    sweep = tmp_path / "sweep"
+    first = run_cli("-m", "model=tiny-sd", "steps=1", "scheduler=ddpm,unipc", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    before = tree(sweep)
+    other = ("-m", "model=tiny-sd", "steps=1", "scheduler=lms", f"hydra.sweep.dir={sweep}")
+    line = one_error_line(run_cli(*other, cwd=tmp_path))
+    assert line == (f"error: hydra.sweep.dir={str(sweep)!r} is not allowed: it holds another sweep (model=tiny-sd "
+                    "steps=1 scheduler=ddpm,unipc); resume with the same overrides, use a new dir, or add "
+                    "+append=true to add this sweep to it")
+    assert tree(sweep) == before  # nothing written
+
+    appended = run_cli(*other, "+append=true", cwd=tmp_path)
+    assert appended.returncode == 0, appended.stderr
+    assert "[1/1] model=tiny-sd steps=1 scheduler=lms" in appended.stdout
+    assert all(tree(sweep)[k] == v for k, v in before.items() if k.startswith(("0/", "1/")))  # earlier jobs untouched
+    table = pd.read_parquet(sweep / "results.parquet").sort_values("job_num")
+    assert list(zip(table.job_num, table.scheduler)) == [(0, "ddpm"), (1, "unipc"), (2, "lms")]
+
+    again = run_cli(*other, "+append=true", cwd=tmp_path)  # the appended sweep again: a resume, not a third sweep
+    assert again.returncode == 0 and "already done" in again.stdout and not (sweep / "3").exists()
+    resumed = run_cli("-m", "model=tiny-sd", "steps=1", "scheduler=ddpm,unipc", f"hydra.sweep.dir={sweep}",
+                      "wandb.mode=disabled", cwd=tmp_path)  # the first sweep again, with a setting that draws alike
+    assert resumed.returncode == 0 and resumed.stdout.count("already done") == 2
+    assert len(pd.read_parquet(sweep / "results.parquet")) == 3
+
+
+def test_a_live_sweep_holds_its_dir(tmp_path):
+    import fcntl
+
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    with open(sweep / ".sweep.lock", "w") as held:  # as a sweep running in another process holds it
+        held.write("4242")
+        held.flush()
+        fcntl.flock(held, fcntl.LOCK_EX)
+        line = one_error_line(run_cli("-m", "model=tiny-sd", "steps=1", f"hydra.sweep.dir={sweep}", cwd=tmp_path))
+    assert line == (f"error: hydra.sweep.dir={str(sweep)!r} is not allowed: another sweep (pid 4242) is running in "
+                    "it; wait for it to end, or use another dir")
+    assert [p.name for p in sweep.iterdir()] == [".sweep.lock"]
+
+
+def test_a_parent_dir_as_sweep_dir_gathers_only_this_sweeps_jobs(tmp_path):
+    from runner.record import write_table
+
+    parent = tmp_path / "results"
+    for job in ("sweeps/old/0", "sweeps/old/1", "runs/r1"):  # a results tree's earlier rows
+        write_table(parent / job / "rows.parquet", [dict(model="earlier", status="ok", job_num=0, sweep_dir="")])
+    line = one_error_line(run_cli("-m", "model=tiny-sd", "steps=1", f"hydra.sweep.dir={parent}", cwd=tmp_path))
+    assert "it holds files that are not a sweep" in line
+    result = run_cli("-m", "model=tiny-sd", "steps=1", f"hydra.sweep.dir={parent}", "+append=true", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    table = pd.read_parquet(parent / "results.parquet")
+    assert len(table) == 1 and list(table.model) == ["tiny-sd"]

@@ -10,6 +10,7 @@ hydra_plugins namespace package, hence this location.
 """
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -61,7 +62,9 @@ class ModelOrderedSweeper(BasicSweeper):
                                               self.max_batch_size)
         sweep_dir = Path(self.config.hydra.sweep.dir)
         atomic_write_bytes(sweep_dir / "multirun.yaml", redact_yaml(OmegaConf.to_yaml(self.config)).encode())
-        returns, first_job = [], 0
+        from runner.sweepdir import FIRST_JOB_ENV
+
+        returns, first_job = [], int(os.environ.get(FIRST_JOB_ENV, "0"))  # after the jobs of sweeps appended to
         while not self.is_done():
             batch = self.get_job_batch()
             self.validate_batch_is_legal(batch)  # every job composes, before any runs
