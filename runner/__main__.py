@@ -149,4 +149,19 @@ if __name__ == "__main__":
     from runner.context import redact_log_records
 
     redact_log_records()  # Hydra logs each job's overrides: +db_password=... must not reach a log
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # Ctrl-C: every file is whole (atomic writes); say how to go on, not a traceback
+        import logging
+
+        from runner.loggers.wandb import leave_background
+        from runner.sweepdir import interrupted_line
+
+        print(interrupted_line(sys.argv[1:]), file=sys.stderr)
+        leave_background()
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Not sys.exit: tearing down torch, diffusers and transformers took 3-5 s here, and there is nothing left to
+        # save (the lock goes with the process, a W&B logger process finishes the runs it holds on its own)
+        os._exit(130)

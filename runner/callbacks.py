@@ -39,8 +39,10 @@ class SweepResults(Callback):
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         from runner.jobdir import remember_before
+        from runner.sweepdir import note_run
 
         remember_before(Path(config.hydra.run.dir))  # before Hydra writes there: a refusal undoes only its own
+        note_run(Path(config.hydra.run.dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         overrides = list(config.hydra.overrides.task)

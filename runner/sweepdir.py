@@ -23,6 +23,11 @@ FIRST_JOB_ENV = "RUNNER_FIRST_JOB"  # the number of this sweep's first job, read
 NOT_IDENTITY = ("wandb", "dry_run", "dry_run_results", APPEND_KEY, "sampling.progress", "hydra")
 
 _lock = None  # this process's open, locked lock file while its sweep runs
+_current: dict = {}  # what this process runs: {"dir", "multirun", "first_job", "jobs"} (for the interrupt line)
+
+
+def note_run(run_dir: Path) -> None:
+    _current.update(dir=Path(run_dir), multirun=False, first_job=0, jobs=1)
 
 
 def identity(overrides: list[str]) -> list[str]:
@@ -136,6 +141,7 @@ def start(sweep_dir: Path, overrides: list[str], jobs: int | None, append: bool,
     elif same["jobs"] is None:
         same["jobs"] = jobs
     atomic_write_bytes(sweep_dir / SWEEP_FILE, json.dumps({"sweeps": sweeps}, indent=1).encode())
+    _current.update(dir=sweep_dir, multirun=True, first_job=same["first_job"], jobs=jobs)
     return same["first_job"]
 
 
@@ -163,3 +169,31 @@ def job_dirs(sweep_dir: Path) -> list[Path]:
     from runner.jobdir import ROWS_FILE
 
     return sorted(p for p in sweep_dir.iterdir() if (p / ROWS_FILE).is_file()) if sweep_dir.is_dir() else []
+
+
+def points_done(run: dict) -> int:
+    """Points of the current run or sweep whose rows are written (ok or failed)."""
+    from runner.jobdir import ROWS_FILE
+
+    if not run["multirun"]:
+        return int((run["dir"] / ROWS_FILE).is_file())
+    last = run["first_job"] + run["jobs"] if run["jobs"] is not None else None
+    return sum(1 for d in job_dirs(run["dir"])
+               if d.name.isdigit() and run["first_job"] <= int(d.name) and (last is None or int(d.name) < last))
+
+
+def interrupted_line(argv: list[str]) -> str:
+    """What Ctrl-C leaves: how far the run got, and the command that resumes it (same dir, same overrides)."""
+    import shlex
+
+    from runner.context import redact_text
+
+    if not _current:
+        return "interrupted before any point started; nothing was written"
+    key = "hydra.sweep.dir" if _current["multirun"] else "hydra.run.dir"
+    args = [redact_text(a) for a in argv]
+    if not any(a.startswith(key + "=") for a in args):
+        args.append(f"{key}={_current['dir'].resolve()}")
+    total = _current["jobs"] if _current["jobs"] is not None else "?"
+    return (f"interrupted: {points_done(_current)} of {total} point(s) done; resume with: python -m runner "
+            + " ".join(shlex.quote(a) for a in args))

@@ -417,3 +417,37 @@ def test_a_parent_dir_as_sweep_dir_gathers_only_this_sweeps_jobs(tmp_path):
     assert result.returncode == 0, result.stderr
     table = pd.read_parquet(parent / "results.parquet")
     assert len(table) == 1 and list(table.model) == ["tiny-sd"]
+
+
+# ------------------------------------------------------------------ 11. Ctrl-C: one line, exit 130, resumable
+
+def test_ctrl_c_is_one_line_exit_130_and_the_printed_command_resumes(tmp_path):
+    import os
+    import shlex
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "model=tiny-sd", "scheduler=ddim,euler,lms", "steps=40", "seed=[0,1]", f"hydra.sweep.dir={sweep}"]
+    process = subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=tmp_path, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True,
+                               env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    deadline = time.time() + 240
+    while time.time() < deadline and not (sweep / "0" / "rows.parquet").is_file():
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 130, stderr
+    assert "Traceback" not in stdout + stderr
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("interrupted: ") and " of 3 point(s) done; resume with: python -m runner " in last
+    done = int(last.split()[1])
+    assert done >= 1 and len(list(sweep.glob("*/rows.parquet"))) == done
+    resume = shlex.split(last.split("resume with: ", 1)[1])
+    assert resume[:3] == ["python", "-m", "runner"]
+    resumed = run_cli(*resume[3:], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    table = pd.read_parquet(sweep / "results.parquet")
+    assert len(table) == 6 and (table.status == "ok").all()
