@@ -12,6 +12,7 @@ from omegaconf import DictConfig
 from runner.context import SWEEP_SIZE_ENV, SWEPT_KEYS_ENV
 
 log = logging.getLogger("runner")
+ORDERED_SWEEPER = "hydra_plugins.runner_sweeper.ordered_sweeper.ModelOrderedSweeper"
 
 
 def sweep_axes(overrides: list[str]) -> dict[str, int]:
@@ -22,24 +23,87 @@ def sweep_axes(overrides: list[str]) -> dict[str, int]:
             for o in OverridesParser.create().parse_overrides(overrides) if o.is_sweep_override()}
 
 
+def refuse_empty_axes(overrides: list[str], axes: dict[str, int]) -> None:
+    """A swept key with no values (`seed=range(0,0)`) makes a sweep of no jobs: one line and exit 2, not a silent
+    success."""
+    for key, count in axes.items():
+        if count == 0:
+            typed = next((o for o in overrides if o.split("=", 1)[0].lstrip("+~") == key), key)
+            print(f"error: {typed} is not allowed: a sweep over no values runs no job; give at least one value",
+                  file=sys.stderr)
+            sys.exit(2)
+
+
 class SweepResults(Callback):
     """Counts the jobs when a multirun starts; writes results.parquet/.csv and a failure summary when it ends."""
+
+    def on_run_start(self, config: DictConfig, **kwargs) -> None:
+        from runner.jobdir import remember_before
+        from runner.sweepdir import note_run
+
+        remember_before(Path(config.hydra.run.dir))  # before Hydra writes there: a refusal undoes only its own
+        note_run(Path(config.hydra.run.dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         overrides = list(config.hydra.overrides.task)
         overrides += [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
         try:
             axes = sweep_axes(overrides)
-            os.environ[SWEEP_SIZE_ENV] = str(math.prod(axes.values()))
-            os.environ[SWEPT_KEYS_ENV] = ",".join(axes)
         except Exception:  # a sweeper with its own syntax: the job lines show "?" and W&B names every override
+            axes = None
             os.environ.pop(SWEEP_SIZE_ENV, None)
             os.environ.pop(SWEPT_KEYS_ENV, None)
+        if axes is not None:
+            refuse_empty_axes(overrides, axes)
+            os.environ[SWEEP_SIZE_ENV] = str(math.prod(axes.values()))
+            os.environ[SWEPT_KEYS_ENV] = ",".join(axes)
+        if config.get("dry_run"):  # a sweeper that launches dry-run jobs (hydra/sweeper=basic): leave no trace
+            self.remember_sweep_dir(Path(config.hydra.sweep.dir))
+            return
+        from runner import sweepdir
+
+        own_sweeper = config.hydra.sweeper.get("_target_") == ORDERED_SWEEPER
+        first_job = sweepdir.start(Path(config.hydra.sweep.dir), overrides,
+                                   math.prod(axes.values()) if axes is not None else None,
+                                   bool(config.get(sweepdir.APPEND_KEY)), own_sweeper)
+        os.environ[sweepdir.FIRST_JOB_ENV] = str(first_job)
+
+    def remember_sweep_dir(self, sweep_dir: Path) -> None:
+        """Before a dry run's jobs: what the sweep dir and its job dirs hold, so that each job and the end of the
+        sweep undo only what Hydra wrote (runner.jobdir.discard_job_dir)."""
+        from runner.jobdir import remember_before
+
+        multirun = sweep_dir / "multirun.yaml"
+        self.dry_run_before = {"existed": sweep_dir.is_dir(),
+                               "multirun": multirun.read_bytes() if multirun.is_file() else None}
+        for job_dir in (p for p in sweep_dir.iterdir() if p.is_dir()) if sweep_dir.is_dir() else ():
+            remember_before(job_dir)
+
+    def undo_dry_run(self, sweep_dir: Path) -> None:
+        from runner.record import atomic_write_bytes
+
+        before = getattr(self, "dry_run_before", {"existed": True, "multirun": None})
+        multirun = sweep_dir / "multirun.yaml"
+        if before["multirun"] is not None:
+            atomic_write_bytes(multirun, before["multirun"])
+        elif multirun.is_file():
+            multirun.unlink()
+        if not before["existed"]:
+            try:
+                sweep_dir.rmdir()
+            except OSError:
+                pass
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
         from runner.loggers import wandb
 
+        if config.get("dry_run"):  # nothing ran: no table, and the sweep dir as it was
+            self.undo_dry_run(Path(config.hydra.sweep.dir))
+            return
+
         # Hydra turns a callback's exception into a warning: a sweep whose table could not be written must still fail.
+        from runner import sweepdir
+
         try:
             wandb.wait_background()  # the jobs' W&B runs, written beside the sampling
             self.write_sweep_results(config)
@@ -48,6 +112,7 @@ class SweepResults(Callback):
             sys.exit(1)
         finally:
             wandb.finish_background()
+            sweepdir.unlock()
 
     def write_sweep_results(self, config: DictConfig) -> None:
         from runner import results
@@ -55,10 +120,18 @@ class SweepResults(Callback):
         from runner.convergence import add_convergence
         from runner.record import write_table
 
+        from runner import sweepdir
+
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():
             return
-        df = results.load(sweep_dir)
+        # only the jobs of the sweeps this dir records: not a parent dir's other results, nor stray job dirs
+        job_dirs = sweepdir.job_dirs(sweep_dir)
+        df = results.load(*job_dirs) if job_dirs else None
+        if df is None or df.empty:
+            return
+        sweeps = sweepdir.recorded_sweeps(sweep_dir)
+        df = df[[sweepdir.owns_job(sweeps, n) for n in df["job_num"]]].reset_index(drop=True)
         if df.empty:
             return
         try:

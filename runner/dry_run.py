@@ -10,8 +10,8 @@ load time once per model switch. Jobs flagged `time_includes_warmup` are left ou
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 
-def report(jobs: list[list[str]], configs: list[DictConfig], history_path) -> str:
-    """A plain-text table: one line per job, then the totals."""
+def report(jobs: list[list[str]], configs: list[DictConfig], history_path) -> tuple[str, int]:
+    """A plain-text table: one line per job, then the totals; and how many jobs their config check refused."""
     from runner.checks import ConfigError
     from runner.spec import make_spec
 
@@ -46,7 +46,17 @@ def report(jobs: list[list[str]], configs: list[DictConfig], history_path) -> st
     else:
         note = f" ({unknown} job(s) with no earlier results of their model/device/dtype not counted)" if unknown else ""
         lines.append(f"total: {total_images} image(s), about {total_s:.1f} s{note}")
-    return "\n".join(lines)
+    return "\n".join(lines), sum(1 for line in lines if "  error: " in line)
+
+
+def print_report(text: str, refused: int, jobs: int) -> None:
+    """The table on stdout; where the check refuses points, one error line on stderr (the caller exits 2)."""
+    import sys
+
+    print(text)
+    if refused:
+        print(f"error: {refused} of {jobs} job(s) would be refused by the config check (listed above); nothing ran",
+              file=sys.stderr)
 
 
 def shown_overrides(overrides: list[str]) -> str:
@@ -117,6 +127,6 @@ def rates(history, spec) -> tuple[float | None, float, float]:
     return float(per_eval), float(per_image), float(loads.median()) if len(loads) else 0.0
 
 
-def single_run_report(cfg: DictConfig, overrides: list[str]) -> str:
+def single_run_report(cfg: DictConfig, overrides: list[str]) -> tuple[str, int]:
     """The dry run of a single (not -m) run."""
     return report([overrides], [cfg], OmegaConf.select(cfg, "dry_run_results", default="results"))

@@ -118,7 +118,7 @@ def arrow_parquet_bytes(rows: list[dict]) -> bytes | None:
 
     try:
         table = pa.Table.from_pylist(same_keys(rows))  # from_pylist alone takes its columns from the first row
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # OverflowError: an int beyond 64 bits
         return None
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
@@ -145,6 +145,10 @@ def csv_bytes(rows: list[dict]) -> bytes | None:
     return buffer.getvalue().encode()
 
 
+def fits_int64(value: int) -> bool:
+    return -2**63 <= value < 2**63
+
+
 def write_table(path: Path, rows) -> None:
     """Rows (a list of dicts or a DataFrame) to parquet or CSV, by the file's suffix."""
     import pandas as pd
@@ -159,8 +163,9 @@ def write_table(path: Path, rows) -> None:
             return atomic_write_bytes(Path(path), data)
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     for column in df.columns[df.dtypes == object]:
-        # A refused point can hold what the user typed (steps=abc) beside numbers: store such a column as text.
+        # A refused point can hold what the user typed (steps=abc, seed=2**64) beside numbers: store such a column
+        # as text (parquet has no integers beyond 64 bits).
         kinds = {type(v) for v in df[column] if v is not None and v == v}
-        if len(kinds) > 1:
+        if len(kinds) > 1 or (int in kinds and not all(fits_int64(v) for v in df[column] if isinstance(v, int))):
             df[column] = [None if v is None or v != v else str(v) for v in df[column]]
     atomic_write_bytes(Path(path), dataframe_bytes(df, Path(path).suffix.lstrip(".")))

@@ -20,7 +20,11 @@ def latent_scale(vae_config) -> int:
 
 
 def to_uint8(images: torch.Tensor):
-    """[-1, 1] NCHW → uint8 NHWC, rounded as diffusers' image processor does."""
+    """[-1, 1] NCHW → uint8 NHWC, rounded as diffusers' image processor does. NaN or inf (an overflow, e.g. fp16)
+    would become a black image recorded as ok: it raises instead, failing the point."""
+    if not torch.isfinite(images).all():
+        raise FloatingPointError("the image is not finite (NaN or inf): the sampling overflowed; try fp32 or a "
+                                 "smaller guidance")
     images = (images / 2 + 0.5).clamp(0, 1).cpu().permute(0, 2, 3, 1).float().numpy()
     return (images * 255).round().astype("uint8")
 

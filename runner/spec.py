@@ -5,6 +5,7 @@ Nothing downstream of `make_spec` sees OmegaConf: the spec holds plain Python va
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,17 +13,43 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from runner import families
-from runner.checks import as_int, as_list, as_number, fail
+from runner.checks import ConfigError, as_int, as_list, as_number, fail
 from runner.metrics import METRICS
 from runner.schedulers import ALLOWED_SCHEDULERS, K_BACKEND, check_k_backend, check_schedule, check_single_step
 
 MAX_SEED = 2**63 - 1
+MAX_STEPS = 10_000  # far beyond any sampler's use (1000 training timesteps), far below an overflow
+MAX_SIDE = 16_384  # pixels per side; the area has its own budget (MAX_PIXELS)
+# Pixels per image: 4096x4096 (SD at 512x512 is 1/64 of it). Larger sizes were refused only by the allocator, after
+# the model loaded (100000x100000 asked for 10 GB of latents, and attention grows with the square of the pixels).
+MAX_PIXELS = 4096 * 4096
+# Beyond these the loop's numbers overflow to NaN (guidance=1e30 drew all-NaN latents and a black PNG recorded as
+# ok); the bounds sit far above any useful setting.
+MAX_GUIDANCE = 100.0
+MAX_ETA = 1.0  # DDIM's eta: 0 deterministic, 1 DDPM-like; above 1 its noise term asks for a negative variance
+MAX_SHIFT = 100.0
 DEVICES = "auto | cpu | cuda | cuda:N"
 DTYPES = ("auto", "fp32", "fp16", "bf16")
 
 
 # The only classes a config may name with `_target_` (Hydra instantiates hydra.callbacks itself).
 ALLOWED_TARGETS = frozenset({"runner.callbacks.SweepResults"})
+
+
+def refuse_non_finite(config, where: str = "") -> None:
+    """inf or NaN anywhere in the config is refused: no setting means it, and it silently draws NaN images."""
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else []
+    for key, value in items:
+        path = f"{where}.{key}" if where else str(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(path, value, "a finite number")
+        refuse_non_finite(value, path)
+
+
+def at_most(key: str, value: float, high: float, allowed: str) -> float:
+    if value > high:
+        fail(key, value, allowed)
+    return value
 
 
 def refuse_unknown_targets(config: dict, where: str = "") -> None:
@@ -249,8 +276,9 @@ def scheduler_kwargs(name: str, class_name: str | None, kwargs: dict, family, mo
     if shift is None:
         return kwargs
     as_number("shift", shift, 0, "a number > 0 (the static timestep shift of a flow-matching schedule), or null")
-    if not shift > 0:
-        fail("shift", shift, "a number > 0 (the static timestep shift of a flow-matching schedule), or null")
+    if not 0 < shift <= MAX_SHIFT:
+        fail("shift", shift, f"a number in (0, {MAX_SHIFT:g}] (the static timestep shift of a flow-matching "
+             "schedule), or null")
     if model_scheduler.get("use_dynamic_shifting"):
         fail("shift", shift, "null: this model shifts its schedule by the image size (use_dynamic_shifting); the "
              "mu it used is in every row (shift_mu)")
@@ -263,8 +291,10 @@ def make_spec(cfg: DictConfig) -> Spec:
     c = OmegaConf.to_container(cfg, resolve=True)
     model, sched, prec, sampling = c["model"], c["scheduler"], c["precision"], c["sampling"]
 
-    steps = as_int("steps", c["steps"], 1, None, "an integer >= 1")
+    steps = as_int("steps", c["steps"], 1, MAX_STEPS, f"an integer >= 1, at most {MAX_STEPS}")
+    refuse_non_finite({k: v for k, v in c.items() if k != "hydra"})
     guidance = as_number("guidance", c["guidance"], 0, "a number >= 0 (<= 1 turns classifier-free guidance off)")
+    at_most("guidance", guidance, MAX_GUIDANCE, f"a number in 0..{MAX_GUIDANCE:g} (larger scales overflow to NaN)")
     seeds = as_list(c["seed"])
     if not seeds:
         fail("seed", c["seed"], "an integer in 0..2^63-1 or a non-empty list of them")
@@ -277,7 +307,8 @@ def make_spec(cfg: DictConfig) -> Spec:
     if not isinstance(negative_prompt, str):
         fail("negative_prompt", negative_prompt, "a string")
     batch_size = as_int("sampling.batch_size", sampling["batch_size"], 1, None, "an integer >= 1")
-    eta = as_number("sampling.eta", sampling["eta"], 0, "a number >= 0")
+    eta = at_most("sampling.eta", as_number("sampling.eta", sampling["eta"], 0, "a number >= 0"), MAX_ETA,
+                  f"a number in 0..{MAX_ETA:g} (0: deterministic DDIM, 1: DDPM-like noise)")
     class_name = sched["class_name"]
     if class_name is not None and class_name not in ALLOWED_SCHEDULERS:
         fail("scheduler.class_name", class_name, "one of " + ", ".join(sorted(ALLOWED_SCHEDULERS)))
@@ -305,10 +336,15 @@ def make_spec(cfg: DictConfig) -> Spec:
         value = c[key]
         if value is None:
             value = info.default_size
-        as_int(key, value, 1, None, f"a positive multiple of {info.size_multiple} (the model's latent scale)")
+        as_int(key, value, 1, MAX_SIDE, f"a positive multiple of {info.size_multiple} (the model's latent scale), "
+               f"at most {MAX_SIDE}")
         if value % info.size_multiple:
             fail(key, value, f"a positive multiple of {info.size_multiple} (the model's latent scale)")
         sizes[key] = value
+    if sizes["height"] * sizes["width"] > MAX_PIXELS:
+        raise ConfigError(f"height x width={sizes['height']}x{sizes['width']} is not allowed: at most {MAX_PIXELS} "
+                          f"pixels per image (4096x4096); the latents and activations of larger images do not fit "
+                          "in memory")
 
     family = info.family
     kwargs = scheduler_kwargs(sched["name"], class_name, kwargs, family, info.scheduler_config, c.get("shift"))

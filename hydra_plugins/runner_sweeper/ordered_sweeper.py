@@ -10,6 +10,9 @@ hydra_plugins namespace package, hence this location.
 """
 
 import logging
+import os
+import sys
+from pathlib import Path
 
 from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -34,12 +37,40 @@ class ModelOrderedSweeper(BasicSweeper):
 
     def sweep(self, arguments):
         if not self.config.get("dry_run", False):
-            return super().sweep(arguments)
+            return self.launch_all(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(self._parse_config() + list(arguments))
         jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
         configs = [self.hydra_context.config_loader.load_sweep_config(self.config, list(job)) for job in jobs]
-        from runner.dry_run import report
+        from runner.dry_run import print_report, report
 
-        print(report(jobs, configs, self.config.get("dry_run_results", "results")))
+        text, refused = report(jobs, configs, self.config.get("dry_run_results", "results"))
+        print_report(text, refused, len(jobs))
+        if refused:
+            sys.exit(2)  # a sweep that would refuse points is not ready: say so to scripts too
         return []
+
+    def launch_all(self, arguments):
+        """BasicSweeper.sweep, with multirun.yaml written without secrets."""
+        from omegaconf import OmegaConf
+
+        from runner.context import redact_yaml
+        from runner.record import atomic_write_bytes
+
+        parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
+        self.overrides = self.split_arguments(parser.parse_overrides(self._parse_config() + list(arguments)),
+                                              self.max_batch_size)
+        sweep_dir = Path(self.config.hydra.sweep.dir)
+        atomic_write_bytes(sweep_dir / "multirun.yaml", redact_yaml(OmegaConf.to_yaml(self.config)).encode())
+        from runner.sweepdir import FIRST_JOB_ENV
+
+        returns, first_job = [], int(os.environ.get(FIRST_JOB_ENV, "0"))  # after the jobs of sweeps appended to
+        while not self.is_done():
+            batch = self.get_job_batch()
+            self.validate_batch_is_legal(batch)  # every job composes, before any runs
+            results = self.launcher.launch(batch, initial_job_idx=first_job)
+            for result in results:
+                _ = result.return_value  # raises what a job raised
+            first_job += len(batch)
+            returns.append(results)
+        return returns

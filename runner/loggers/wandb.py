@@ -9,22 +9,21 @@ In a sweep whose jobs share a process (Hydra's basic launcher), a child process 
 next job draws, where sampling leaves a CPU core free for it; the sweep's end waits for it (`finish_background`).
 """
 
+import contextlib
 import hashlib
 import logging
 import netrc
 import os
 import queue
-import re
 import sys
 from pathlib import Path
 from time import perf_counter
 
 from runner.columns import ENVIRONMENT_COLUMNS, JOB_SUMMARY_PREFIXES, SCORE_COLUMNS, SUMMARY_COLUMNS
+from runner.context import is_secret, redact_text
 
 log = logging.getLogger("runner")
 
-# Config keys and environment names that may hold credentials: never logged.
-SECRET_PATTERN = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
 # As env.* run config keys (not the hostname: a run's page may be shared beyond the machine's users).
 ENV_CONFIG_COLUMNS = (*(c for c in ENVIRONMENT_COLUMNS if c != "hostname"), "model_revision", "device", "dtype")
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # jobs run one by one in this process
@@ -129,7 +128,7 @@ def flatten(config: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if SECRET_PATTERN.search(str(key)):
+        if is_secret(key):  # left out, not even as ***
             continue
         if isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
@@ -140,7 +139,7 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 def scrub(text: str) -> str:
     """Command-line arguments as W&B would record them, without any secret-looking `key=value`."""
-    return re.sub(r"([^\s=]*" + SECRET_PATTERN.pattern + r"[^\s=]*=)\S+", r"\1***", text)
+    return redact_text(text)
 
 
 def _settings(wandb, timeout_s: float):
@@ -266,6 +265,7 @@ def rows_table(wandb, rows: list[dict], with_images: bool = False):
 # --------------------------------------------------------------------------- in a process of its own
 
 CALLS = {"log_job": log_job, "log_sweep": log_sweep}
+READY = "ready"  # the logger process's first message: it holds the queues
 _background = None  # this process's LoggerProcess, started by the first call(..., in_background=True)
 
 
@@ -285,8 +285,9 @@ class LoggerProcess:
         context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
         self.calls, self.done = context.Queue(), context.Queue()
         self.process = context.Process(target=serve, args=(self.calls, self.done), name="runner-wandb", daemon=True)
-        self.process.start()
-        self.pending = 0
+        with sigint_ignored():  # Ctrl-C is the sweep's to handle: the child starts ignoring it (while it imports)
+            self.process.start()
+        self.pending, self.left, self.ready = 0, False, False
         atexit.register(self.close)  # a sweep that ends without its callback still gets its runs finished
 
     def submit(self, name: str, *args) -> None:
@@ -297,19 +298,52 @@ class LoggerProcess:
         """Until every call sent so far has been made."""
         while self.pending:
             try:
-                self.done.get(timeout=1.0)
-                self.pending -= 1
+                self.count(self.done.get(timeout=1.0))
             except queue.Empty:
                 if not self.process.is_alive():
                     log.warning(f"W&B: the logger process died; {self.pending} call(s) not made (rows are on disk)")
                     self.pending = 0
 
+    def count(self, message: str) -> None:
+        if message == READY:
+            self.ready = True
+        else:
+            self.pending -= 1
+
+    def started(self) -> bool:
+        """Whether the child has opened the queues (it says so first thing)."""
+        while not self.ready:
+            try:
+                self.count(self.done.get_nowait())
+            except queue.Empty:
+                return False
+        return True
+
     def close(self) -> None:
-        """Wait for every call sent so far, then stop the process."""
+        """Wait for every call sent so far, then stop the process (unless left to finish on its own)."""
+        if self.left:
+            return
         self.wait()
         if self.process.is_alive():
             self.calls.put(None)
             self.process.join(timeout=30)
+
+
+@contextlib.contextmanager
+def sigint_ignored():
+    """SIGINT ignored in this process meanwhile, so that a child started now inherits the ignoring (a terminal's
+    Ctrl-C reaches the whole process group; Python keeps an inherited SIG_IGN)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def serve(calls, done) -> None:
@@ -318,6 +352,7 @@ def serve(calls, done) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    done.put(READY)
     logging.basicConfig(format="[%(asctime)s][runner][%(levelname)s] - %(message)s", level=logging.INFO)
     parent = os.getppid()
     while True:
@@ -354,6 +389,33 @@ def call(name: str, *args, in_background: bool) -> None:
             return
         log.info(f"  W&B: runs are written by a logger process (pid {_background.process.pid}) beside the sampling")
     _background.submit(name, *args)
+
+
+def leave_background() -> None:
+    """On Ctrl-C, before the sweep's process exits at once: the logger process writes the runs already handed to
+    it, then stops, on its own (a run it never got is written when the sweep is resumed). The queues' named
+    semaphores are unlinked now (the child keeps its open handles), or multiprocessing's resource tracker would
+    warn about them when this process is gone."""
+    if _background is None:
+        return
+    from multiprocessing import resource_tracker
+
+    import _multiprocessing
+
+    _background.left = True
+    if _background.started():
+        _background.calls.put(None)
+        _background.calls.close()
+        _background.calls.join_thread()  # the None is in the pipe before this process exits
+    else:  # still starting: it holds no run yet, and would not find the queues once unlinked
+        _background.process.kill()
+        _background.process.join()
+    for channel in (_background.calls, _background.done):
+        for lock in (channel._rlock, channel._wlock, channel._sem):
+            name = getattr(getattr(lock, "_semlock", None), "name", None)
+            if name:
+                resource_tracker.unregister(name, "semaphore")
+                _multiprocessing.sem_unlink(name)
 
 
 def background_running() -> bool:
