@@ -1,0 +1,82 @@
+"""Quality against cost, with confidence: bootstrap CIs, the frontier, distribution metrics, converged references,
+the frontier figure and table, and the multi-objective search (README "Quality against cost")."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from runner import results
+
+
+def cells_frame(values_by_cell: dict, seed_column: bool = True) -> pd.DataFrame:
+    """A results-like frame: one ok row per image, `values_by_cell[(scheduler, steps)]` its metric values."""
+    rows = [dict(scheduler=s, steps=n, seed=i, prompt="p", status="ok", metric=v, nfe=n)
+            for (s, n), values in values_by_cell.items() for i, v in enumerate(values)]
+    return pd.DataFrame(rows)
+
+
+def test_summary_ci_narrows_as_seeds_grow_and_is_deterministic():
+    draws = np.random.default_rng(1).normal(0.7, 0.2, 256)
+    widths = []
+    for n in (8, 32, 128):
+        row = results.summary(cells_frame({("ddim", 10): draws[:n]}), metrics="metric").iloc[0]
+        assert row["n"] == n and row["ci_low"] < row["mean"] < row["ci_high"]
+        assert np.isclose(row["mean"], draws[:n].mean())
+        widths.append(row["ci_high"] - row["ci_low"])
+    assert widths[0] > widths[1] > widths[2]
+    assert widths[2] < 0.5 * widths[0]  # about 1/sqrt(n): 4x the images, half the width
+    df = cells_frame({("ddim", 10): draws[:32], ("unipc", 10): draws[32:64]})
+    pd.testing.assert_frame_equal(results.summary(df, metrics="metric", seed=3), results.summary(df, metrics="metric", seed=3))
+    # a cell's interval does not depend on the other cells in the frame
+    alone = results.summary(cells_frame({("ddim", 10): draws[:32]}), by=["scheduler", "steps"], metrics="metric")
+    both = results.summary(df, by=["scheduler", "steps"], metrics="metric")
+    assert np.isclose(alone.iloc[0]["ci_low"], both.iloc[0]["ci_low"])
+
+
+def test_summary_leaves_out_failed_and_infinite_values_and_gives_no_interval_for_one_image():
+    df = cells_frame({("ddim", 10): [1.0, 2.0, np.inf, 3.0], ("unipc", 10): [5.0]})
+    df.loc[1, "status"] = "failed"
+    table = results.summary(df, metrics="metric").set_index("scheduler")
+    assert table.loc["ddim", "n"] == 2 and table.loc["ddim", "mean"] == 2.0
+    assert table.loc["unipc", "n"] == 1 and np.isnan(table.loc["unipc", "ci_low"])
+    assert not results.different(table.loc["ddim"], table.loc["unipc"])  # no interval: never called different
+
+
+def test_overlapping_intervals_are_not_called_different():
+    assert results.different((0.1, 0.2), (0.3, 0.4)) and results.different((0.3, 0.4), (0.1, 0.2))
+    assert not results.different((0.1, 0.3), (0.2, 0.4))
+    assert not results.different((0.1, 0.2), (0.2, 0.3))  # touching intervals overlap
+    rng = np.random.default_rng(0)
+    same = results.summary(cells_frame({("a", 1): rng.normal(0.5, 0.2, 16), ("b", 1): rng.normal(0.5, 0.2, 16)}),
+                           metrics="metric")
+    assert not results.different(same.iloc[0], same.iloc[1])  # two draws of the same distribution
+    apart = results.summary(cells_frame({("a", 1): rng.normal(0.2, 0.05, 16), ("b", 1): rng.normal(0.8, 0.05, 16)}),
+                            metrics="metric")
+    assert results.different(apart.iloc[0], apart.iloc[1])
+
+
+def dominates(a, b) -> bool:
+    return a["nfe"] <= b["nfe"] and a["metric"] >= b["metric"] and (a["nfe"] < b["nfe"] or a["metric"] > b["metric"])
+
+
+def test_frontier_never_returns_a_dominated_cell_and_misses_no_undominated_one():
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        n_cells = int(rng.integers(1, 12))
+        cells = {(f"s{int(rng.integers(0, 4))}", int(rng.integers(1, 6))): rng.integers(0, 4, int(rng.integers(1, 4))) / 4
+                 for _ in range(n_cells)}  # coarse values: ties in cost and quality happen
+        df = cells_frame(cells)
+        means = df.groupby(["scheduler", "steps"]).agg(nfe=("nfe", "mean"), metric=("metric", "mean")).reset_index()
+        front = results.frontier(df, "metric", "nfe", by=["scheduler", "steps"])
+        on_front = set(zip(front["scheduler"], front["steps"]))
+        for cell in means.to_dict("records"):
+            is_dominated = any(dominates(other, cell) for other in means.to_dict("records"))
+            assert ((cell["scheduler"], cell["steps"]) in on_front) == (not is_dominated), (trial, cell)
+        assert list(front["nfe"]) == sorted(front["nfe"])
+
+
+def test_frontier_lower_is_better_and_time_cost():
+    df = cells_frame({("a", 1): [10.0], ("b", 2): [5.0], ("c", 3): [7.0]}).assign(time_per_image_s=[0.3, 0.1, 0.2])
+    assert list(results.frontier(df, "metric", "nfe", higher_is_better=False)["scheduler"]) == ["a", "b"]
+    assert list(results.frontier(df, "metric", "time_per_image_s", higher_is_better=False)["scheduler"]) == ["b"]
+    assert list(results.frontier(df, "metric", "time_per_image_s")["scheduler"]) == ["b", "c", "a"]
