@@ -23,7 +23,13 @@ def sweep_axes(overrides: list[str]) -> dict[str, int]:
 
 
 class SweepResults(Callback):
-    """Counts the jobs when a multirun starts; writes results.parquet/.csv and a failure summary when it ends."""
+    """Counts the jobs when a multirun starts; writes results.parquet/.csv and a failure summary when it ends.
+
+    `distribution_min_images`: FID/KID per cell (runner.fid) for cells of at least this many images (None: off).
+    Its value lives in conf/config.yaml (hydra.callbacks.sweep_results)."""
+
+    def __init__(self, distribution_min_images: int | None = None):
+        self.distribution_min_images = distribution_min_images
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         overrides = list(config.hydra.overrides.task)
@@ -66,6 +72,15 @@ class SweepResults(Callback):
         except Exception as err:  # the metrics are extras: the table is still written without them
             log.warning(f"sweep: convergence metrics not computed: {type(err).__name__}: {err}")
             df = df.drop(columns=[c for c in CONVERGENCE_COLUMNS if c in df])  # none from an earlier table
+        if self.distribution_min_images:
+            try:
+                from runner.fid import add_distribution
+
+                df = add_distribution(df, self.distribution_min_images)
+            except ImportError as err:
+                log.warning(f"sweep: FID/KID not computed: {err} (pip install -e '.[quality]')")
+            except Exception as err:
+                log.warning(f"sweep: FID/KID not computed: {type(err).__name__}: {err}")
         write_table(sweep_dir / "results.parquet", results.portable(df, sweep_dir))
         write_table(sweep_dir / "results.csv", results.portable(df, sweep_dir))
         write_grid_and_log(config, sweep_dir, df)

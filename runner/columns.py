@@ -40,7 +40,13 @@ SCORE_COLUMNS = ("prompt_adherence", "class_confidence", "clip_score")  # scores
 QUALITY_COLUMNS = ("prompt_adherence", "clip_score")  # how well an image follows its prompt: charted in reports
 # Distance to a reference image of the same content (runner.convergence), filled in sweep tables.
 CONVERGENCE_COLUMNS = ("psnr_to_ref", "ssim_to_ref", "latent_mse_to_ref", "ref_scheduler", "ref_steps")
+# Per cell (runner.fid): FID and KID of a cell's images against held-out real digits, in the digit classifier's
+# feature space; the same values on every row of the cell. Filled in sweep tables.
+DISTRIBUTION_COLUMNS = ("fid_digits", "kid_digits", "kid_digits_std")
+# What a sweep's results.parquet adds to the job rows (runner.callbacks); runner.results.load joins them back.
+SWEEP_METRIC_COLUMNS = CONVERGENCE_COLUMNS + DISTRIBUTION_COLUMNS
 # The report's table, in this order (`job` and `image` are the names of the job dir and PNG).
 REPORT_COLUMNS = ("sweep", "job", "model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt",
                   "height", "width", "precision", "strength", "status", *IMAGE_METRIC_COLUMNS, *CONVERGENCE_COLUMNS,
+                  *DISTRIBUTION_COLUMNS,
                   "nfe", "time_per_image_s", "time_per_step_s", "time_total_s", "device", "gpu", "image", "error")

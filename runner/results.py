@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from runner.columns import CONVERGENCE_COLUMNS
+from runner.columns import SWEEP_METRIC_COLUMNS
 from runner.jobdir import ROWS_FILE
 
 SWEEP_TABLE = "results.parquet"  # written by the sweep's callback (runner/callbacks.py) beside its job dirs
@@ -29,7 +29,7 @@ def load(*paths) -> "pandas.DataFrame":
     """One row per image from any number of job dirs, sweep dirs or results trees.
 
     Rows are read from each job's own `rows.parquet` (never from aggregated tables, so nothing counts twice); a
-    sweep job's rows get only the convergence columns (CONVERGENCE_COLUMNS) from its sweep's results.parquet.
+    sweep job's rows get only the sweep-level metric columns (SWEEP_METRIC_COLUMNS: convergence, FID/KID) from its sweep's results.parquet.
     `job_dir`, `sweep_dir` and `image_path` are rewritten to where the files are now, so a moved results tree
     still loads; `sweep` is the sweep dir's name; `origin` says what made the row: "run", "sweep" or "reproduce"
     (a re-run by `python -m runner.reproduce`). A rows file that cannot be read is skipped with a warning.
@@ -90,7 +90,7 @@ def convergence_by_image(sweep_dir: Path) -> dict:
     except Exception as err:
         log.warning(f"skipped {table_path}: not readable ({type(err).__name__}: {err})")
         return {}
-    columns = [c for c in CONVERGENCE_COLUMNS if c in table]
+    columns = [c for c in SWEEP_METRIC_COLUMNS if c in table]
     if not columns or not {"image_path", "image_sha256"} <= set(table.columns):
         return {}
     by_image = {}

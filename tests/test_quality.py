@@ -80,3 +80,66 @@ def test_frontier_lower_is_better_and_time_cost():
     assert list(results.frontier(df, "metric", "nfe", higher_is_better=False)["scheduler"]) == ["a", "b"]
     assert list(results.frontier(df, "metric", "time_per_image_s", higher_is_better=False)["scheduler"]) == ["b"]
     assert list(results.frontier(df, "metric", "time_per_image_s")["scheduler"]) == ["b", "c", "a"]
+
+
+# Distribution metrics (runner.fid) -------------------------------------------------------------------------------
+
+def test_fid_and_kid_are_near_zero_for_real_vs_real_and_large_for_noise():
+    from runner.fid import reference_scale
+
+    scale = reference_scale()
+    real, halves, noise = (scale[k] for k in ("real vs real (train vs held-out)", "real vs real (held-out halves)",
+                                              "noise vs real"))
+    for same in (real, halves):
+        assert 0 <= same["fid"] < 0.05 * noise["fid"]
+        assert abs(same["kid"]) < 2 * same["kid_std"] + 1e-9 < 0.1 * noise["kid"]  # real vs real: KID ≈ 0 within its spread
+    assert noise["kid"] > 3 * noise["kid_std"] > 0
+
+
+def digit_sweep(sweep, cells: dict):
+    """A sweep dir without a model: one job per cell, each image a picture from `cells[scheduler]`, scored."""
+    from runner.digits import score_digits
+    from runner.jobdir import ROWS_FILE
+    from runner.record import save_image, write_table
+
+    for job_num, (scheduler, pictures) in enumerate(cells.items()):
+        job_dir = sweep / str(job_num)
+        rows = []
+        for seed, picture in enumerate(pictures):
+            row = dict(model="fake", scheduler=scheduler, steps=4, guidance=7.5, seed=seed, prompt="", height=32,
+                       width=32, job_dir=str(job_dir.resolve()), sweep_dir=str(sweep.resolve()), job_num=job_num,
+                       overrides=f"scheduler={scheduler}", config_hash="fake", latent_path="", time_total_s=1.0,
+                       status="ok", error="", **score_digits([picture])[0])
+            row["image_path"], row["image_sha256"] = save_image(job_dir, f"{seed:03d}_seed{seed}", picture, row)
+            rows.append(row)
+        write_table(job_dir / ROWS_FILE, rows)
+    return sweep
+
+
+def test_distribution_columns_per_cell_and_small_cells_skipped(tmp_path, caplog):
+    from runner.digits import load_digit_split, render_digits
+    from runner.fid import add_distribution
+
+    train_x = load_digit_split()[0]
+    rng = np.random.default_rng(0)
+    sweep = digit_sweep(tmp_path / "sweep", {"real": render_digits(train_x[:96]),
+                                             "noise": rng.integers(0, 256, (96, 32, 32, 3), dtype=np.uint8),
+                                             "small": render_digits(train_x[96:100])})
+    with caplog.at_level("INFO", logger="runner"):
+        df = add_distribution(results.load(sweep), min_images=32)
+    assert "skipped for 1 cell(s) of fewer than 32 images" in caplog.text
+    cell = df.groupby("scheduler")[["fid_digits", "kid_digits", "kid_digits_std"]]
+    assert (cell.nunique() <= 1).all().all()  # one value per cell, on each of its rows
+    means = cell.mean()
+    assert means.loc["noise", "fid_digits"] > 10 * means.loc["real", "fid_digits"]
+    assert means.loc["real", "kid_digits"] + 2 * means.loc["real", "kid_digits_std"] < \
+        means.loc["noise", "kid_digits"] - 2 * means.loc["noise", "kid_digits_std"]
+    assert df[df["scheduler"] == "small"]["fid_digits"].isna().all()
+
+
+def test_clip_features_need_local_weights(tmp_path):
+    from runner.checks import ConfigError
+    from runner.fid import features
+
+    with pytest.raises(ConfigError, match=r"clip_model=.* is not allowed: .*local"):
+        features([np.zeros((32, 32, 3), np.uint8)] * 2, "clip", str(tmp_path / "no-such-clip"))
