@@ -26,10 +26,16 @@ class SweepResults(Callback):
     """Counts the jobs when a multirun starts; writes results.parquet/.csv and a failure summary when it ends.
 
     `distribution_min_images`: FID/KID per cell (runner.fid) for cells of at least this many images (None: off).
-    Its value lives in conf/config.yaml (hydra.callbacks.sweep_results)."""
+    `reference`: None (the sweep's own most-steps image), "auto" (converged references, runner.reference: drawn at
+    `reference_steps`, checked at half, held to `reference_tolerance_db`, kept in `reference_cache`) or a reference
+    run's path. Their values live in conf/config.yaml (hydra.callbacks.sweep_results)."""
 
-    def __init__(self, distribution_min_images: int | None = None):
+    def __init__(self, distribution_min_images: int | None = None, reference: str | None = None,
+                 reference_steps: int | None = None, reference_tolerance_db: float | None = None,
+                 reference_cache: str | None = None):
         self.distribution_min_images = distribution_min_images
+        self.reference = reference
+        self.auto_reference = dict(steps=reference_steps, tolerance_db=reference_tolerance_db, cache=reference_cache)
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         overrides = list(config.hydra.overrides.task)
@@ -68,7 +74,8 @@ class SweepResults(Callback):
         if df.empty:
             return
         try:
-            df = add_convergence(df)
+            auto = self.auto_reference if self.reference == "auto" else {}
+            df = add_convergence(df, reference=self.reference, **auto)
         except Exception as err:  # the metrics are extras: the table is still written without them
             log.warning(f"sweep: convergence metrics not computed: {type(err).__name__}: {err}")
             df = df.drop(columns=[c for c in CONVERGENCE_COLUMNS if c in df])  # none from an earlier table

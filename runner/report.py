@@ -241,10 +241,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="sweep dirs, job dirs or results trees")
     parser.add_argument("--out", type=Path, help="where report.html goes (default: <first PATH>/report)")
-    parser.add_argument("--reference", type=Path, help="a separate reference run (default: within the sweep)")
+    parser.add_argument("--reference", type=Path, help="a separate reference run, or auto: converged references "
+                                                         "(runner.reference; default: within the sweep)")
     parser.add_argument("--reference-scheduler", help="the reference scheduler (default: the one with most steps)")
     args = parser.parse_args(argv)
-    for path in args.paths + ([args.reference] if args.reference else []):
+    for path in args.paths + ([args.reference] if args.reference and str(args.reference) != "auto" else []):
         if not path.exists():
             print(f"error: path={str(path)!r} is not allowed: an existing sweep dir, job dir or results tree",
                   file=sys.stderr)

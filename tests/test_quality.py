@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from runner import results
+from tests.conftest import run_cli
 
 
 def cells_frame(values_by_cell: dict, seed_column: bool = True) -> pd.DataFrame:
@@ -143,3 +144,53 @@ def test_clip_features_need_local_weights(tmp_path):
 
     with pytest.raises(ConfigError, match=r"clip_model=.* is not allowed: .*local"):
         features([np.zeros((32, 32, 3), np.uint8)] * 2, "clip", str(tmp_path / "no-such-clip"))
+
+
+# Converged references (runner.reference) ------------------------------------------------------------------------
+
+def test_a_reference_that_has_not_converged_is_flagged_and_references_are_reused(small_sweep, tmp_path, caplog):
+    from runner.convergence import add_convergence, distances
+    from runner.reference import converged_references
+
+    df = results.load(small_sweep)
+    df = df[(df["scheduler"] == "ddim") & (df["steps"] == 2) | (df["scheduler"] == "euler_a") & (df["steps"] == 4)]
+    few = converged_references(df, tmp_path / "cache", steps=4, tolerance_db=40)
+    assert len(few) == 2 and not few["ref_converged"].any()  # 2 and 4 steps of DPM++ 2M disagree
+    assert (few["ref_check_psnr"] < 40).all() and (few["ref_tolerance_db"] == 40).all()
+    many = converged_references(df, tmp_path / "cache", steps=60, tolerance_db=40)
+    assert many["ref_converged"].all() and (many["ref_check_psnr"] >= 40).all()
+    assert set(many["scheduler"]) == {"dpmpp_2m"} and set(many["steps"]) == {60}
+
+    before = sorted(p for p in (tmp_path / "cache").rglob("*.png"))
+    with caplog.at_level("INFO", logger="runner"):
+        out = add_convergence(df, reference="auto", cache=tmp_path / "cache", steps=60, tolerance_db=40)
+    assert "drawing" not in caplog.text and sorted((tmp_path / "cache").rglob("*.png")) == before  # cached
+    assert out["ref_converged"].all() and set(out["ref_steps"]) == {60} and np.isfinite(out["psnr_to_ref"]).all()
+    assert out.set_index("scheduler")["stochastic"].to_dict() == {"ddim": False, "euler_a": True}
+    # each image is compared with the reference of its own seed
+    for row in out.to_dict("records"):
+        ref = many[many["seed"] == row["seed"]].iloc[0]
+        assert np.isclose(row["psnr_to_ref"], distances(row["image_path"], ref["image_path"])["psnr_to_ref"])
+
+
+@pytest.fixture(scope="module")
+def quality_sweep(tmp_path_factory):
+    """A real sweep whose end draws converged references (few steps, to stay fast) and FID/KID for its 3-image cells."""
+    root = tmp_path_factory.mktemp("quality")
+    result = run_cli("-m", "scheduler=ddim,dpmpp_2m", "steps=2,4", "seed=[0,1,2]", "sampling.progress=false",
+                     f"hydra.sweep.dir={root / 'sweep'}", "hydra.callbacks.sweep_results.reference=auto",
+                     "hydra.callbacks.sweep_results.reference_steps=8",
+                     f"hydra.callbacks.sweep_results.reference_cache={root / 'references'}",
+                     "hydra.callbacks.sweep_results.distribution_min_images=3", cwd=root)
+    assert result.returncode == 0, result.stderr
+    return root / "sweep"
+
+
+def test_the_sweep_end_adds_converged_references_and_distribution_columns(quality_sweep):
+    table = pd.read_parquet(quality_sweep / "results.parquet")
+    assert set(table["ref_scheduler"]) == {"dpmpp_2m"} and set(table["ref_steps"]) == {8}
+    assert table["ref_converged"].notna().all() and set(table["ref_tolerance_db"]) == {40}
+    assert not table["stochastic"].any()
+    assert table["fid_digits"].notna().all() and table.groupby(["scheduler", "steps"])["fid_digits"].nunique().eq(1).all()
+    loaded = results.load(quality_sweep)  # the job rows get the sweep's columns back
+    assert loaded["kid_digits"].notna().all() and loaded["ref_check_psnr"].notna().all()
