@@ -200,7 +200,9 @@ def write_report(df, out: Path, reference=None, reference_scheduler: str | None 
 
     out.mkdir(parents=True, exist_ok=True)
     earlier = earlier_pictures(out)
-    df = add_convergence(df, reference=reference, scheduler=reference_scheduler)
+    converged = "ref_converged" in df and df["ref_converged"].notna().any()  # the sweep's own reference=auto
+    if reference is not None or not converged:
+        df = add_convergence(df, reference=reference, scheduler=reference_scheduler)
     sections = []
     grids = grid_files(df, out)
     if grids:
@@ -216,6 +218,9 @@ def write_report(df, out: Path, reference=None, reference_scheduler: str | None 
     charts = [(path, caption) for path, caption in charts if path is not None]
     if charts:
         sections.append("<h2>Charts</h2>" + "".join(_img(path, caption) for path, caption in charts))
+    from runner.quality import report_section
+
+    sections.append(report_section(df))  # quality against NFE: Plotly figures and paper tables (runner/quality.py)
     sections.append("<h2>Results</h2><p>Click a column header to sort.</p>" + table_html(df))
     sweeps = sorted(s for s in df["sweep"].unique() if s)
     ok = int((df["status"] == "ok").sum())

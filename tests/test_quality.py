@@ -194,3 +194,48 @@ def test_the_sweep_end_adds_converged_references_and_distribution_columns(qualit
     assert table["fid_digits"].notna().all() and table.groupby(["scheduler", "steps"])["fid_digits"].nunique().eq(1).all()
     loaded = results.load(quality_sweep)  # the job rows get the sweep's columns back
     assert loaded["kid_digits"].notna().all() and loaded["ref_check_psnr"].notna().all()
+
+
+# The frontier figure and the paper table (runner.quality) --------------------------------------------------------
+
+def test_frontier_figure_has_a_line_per_sampler_with_ci_bars_and_marks_the_frontier(quality_sweep):
+    from runner.quality import frontier_figure
+
+    df = results.load(quality_sweep)
+    fig = frontier_figure(df, "psnr_to_ref")
+    lines = {t.name: t for t in fig.data}
+    assert set(lines) == {"ddim", "dpmpp_2m", "frontier"}
+    cells = results.summary(df, by=["scheduler", "steps"], metrics="psnr_to_ref").set_index(["scheduler", "steps"])
+    for scheduler in ("ddim", "dpmpp_2m"):
+        trace = lines[scheduler]
+        assert list(trace.x) == [2, 4]  # NFE of 2 and 4 steps
+        expected = cells.loc[scheduler]
+        assert np.allclose(trace.y, expected["mean"])
+        assert np.allclose(np.array(trace.y) + np.array(trace.error_y.array), expected["ci_high"])
+        assert np.allclose(np.array(trace.y) - np.array(trace.error_y.arrayminus), expected["ci_low"])
+    front = results.frontier(df, "psnr_to_ref", "nfe", by=["scheduler", "steps"])
+    assert list(lines["frontier"].x) == list(front["nfe"]) and np.allclose(lines["frontier"].y, front["psnr_to_ref"])
+
+
+def test_paper_table_rows_samplers_columns_nfe_and_ties_in_bold(quality_sweep):
+    from runner.quality import paper_table, paper_table_html
+
+    df = results.load(quality_sweep)
+    table = paper_table(df, "prompt_adherence")
+    assert list(table.index) == ["ddim", "dpmpp_2m"] and list(table.columns) == [2, 4]
+    cell = results.summary(df[(df["scheduler"] == "ddim") & (df["steps"] == 4)], metrics="prompt_adherence").iloc[0]
+    assert table.loc["ddim", 4] == f"{cell['mean']:.4g} ± {(cell['ci_high'] - cell['ci_low']) / 2:.2g}"
+    page = paper_table_html(df, "prompt_adherence")
+    cells = results.summary(df, by=["scheduler", "steps"], metrics="prompt_adherence").set_index(["scheduler", "steps"])
+    for steps in (2, 4):
+        a, b = cells.loc[("ddim", steps)], cells.loc[("dpmpp_2m", steps)]
+        bold = [f"<b>{html_text}</b>" in page for html_text in (table.loc["ddim", steps], table.loc["dpmpp_2m", steps])]
+        assert bold == ([True, True] if not results.different(a, b) else [a["mean"] > b["mean"], b["mean"] > a["mean"]])
+
+
+def test_report_has_the_quality_section_and_keeps_the_sweeps_converged_references(quality_sweep, tmp_path):
+    from runner.report import write_report
+
+    page = write_report(results.load(quality_sweep), tmp_path / "report").read_text()
+    assert "<h2>Quality against cost</h2>" in page and page.count("class=\"plotly-graph-div\"") >= 3
+    assert "References: converged solutions" in page and "class='paper'" in page
