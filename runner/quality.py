@@ -13,7 +13,7 @@ called different: the table marks every cell that is not different from its colu
 
 import html
 
-from runner.columns import DISTRIBUTION_COLUMNS
+from runner.columns import CONTENT_AXES, DISTRIBUTION_COLUMNS
 from runner.results import cell_axes, different, frontier, ok_rows, summary
 
 # Quality columns the report shows when they hold values, and whether higher is better.
@@ -93,17 +93,24 @@ def frontier_figure(df, quality: str, cost: str = "nfe", higher_is_better: bool 
     return fig
 
 
+def table_cells(df, quality: str, cost: str = "nfe"):
+    """cell_table with the table's column (the cost, an integer where it is one, as NFE is) and, for distances to
+    a reference image, stochastic samplers labelled so."""
+    table = cell_table(df, quality, cost)
+    stochastic = stochastic_lines(df) if quality in DISTANCE_COLUMNS else set()
+    table["line"] = [f"{line} (stochastic)" if line in stochastic else line for line in table["line"]]
+    table["column"] = [round(c) if abs(c - round(c)) < 1e-9 else round(c, 3) for c in table["cost"]]
+    table["text"] = [format_cell(r) for r in table.to_dict("records")]
+    return table
+
+
 def paper_table(df, quality: str, cost: str = "nfe"):
     """Rows samplers, columns `cost` values (NFE), cells "mean ± CI half-width" (the half-width of the 95% CI;
     "mean" alone without an interval), as a DataFrame of strings."""
-    import pandas as pd
-
-    table = cell_table(df, quality, cost)
-    table["text"] = [format_cell(r) for r in table.to_dict("records")]
-    table["column"] = [round(c) if abs(c - round(c)) < 1e-9 else round(c, 3) for c in table["cost"]]
-    out = table.pivot_table(index="line", columns="column", values="text", aggfunc="first").fillna("")
+    out = table_cells(df, quality, cost).pivot_table(index="line", columns="column", values="text",
+                                                     aggfunc="first").fillna("")
     out.index.name, out.columns.name = "sampler", cost
-    return pd.DataFrame(out)
+    return out
 
 
 def format_cell(row: dict) -> str:
@@ -115,19 +122,20 @@ def format_cell(row: dict) -> str:
 def paper_table_html(df, quality: str, cost: str = "nfe", higher_is_better: bool | None = None) -> str:
     """paper_table as HTML: in each column, every cell not different from the column's best (CIs overlap) is bold."""
     higher = HIGHER_IS_BETTER.get(quality, True) if higher_is_better is None else higher_is_better
-    table = cell_table(df, quality, cost)
+    table = table_cells(df, quality, cost)
     texts = paper_table(df, quality, cost)
-    table["column"] = [round(c) if abs(c - round(c)) < 1e-9 else round(c, 3) for c in table["cost"]]
     tied = set()
     for column, cells in table.groupby("column"):
         best = cells.loc[cells["mean"].idxmax() if higher else cells["mean"].idxmin()]
         tied |= {(r["line"], column) for r in cells.to_dict("records") if not different(r, best)}
+
+    def cell(line, column, text):
+        return f"<td><b>{html.escape(text)}</b></td>" if (line, column) in tied else f"<td>{html.escape(text)}</td>"
+
     head = "".join(f"<th>{html.escape(str(c))}</th>" for c in texts.columns)
-    body = "".join(
-        f"<tr><th>{html.escape(str(line))}</th>" + "".join(
-            f"<td>{'<b>' if (line, c) in tied else ''}{html.escape(v)}{'</b>' if (line, c) in tied else ''}</td>"
-            for c, v in zip(texts.columns, values)) + "</tr>"
-        for line, values in zip(texts.index, texts.to_numpy()))
+    body = "".join(f"<tr><th>{html.escape(str(line))}</th>"
+                   + "".join(cell(line, c, v) for c, v in zip(texts.columns, values)) + "</tr>"
+                   for line, values in zip(texts.index, texts.to_numpy()))
     return (f"<table class='paper'><thead><tr><th>sampler \\ {html.escape(cost)}</th>{head}</tr></thead>"
             f"<tbody>{body}</tbody></table>")
 
@@ -153,18 +161,29 @@ def report_section(df, cost: str = "nfe") -> str:
              "are not shown to differ.</p>"]
     if "ref_converged" in df and df["ref_converged"].notna().any():
         checked = df[df["ref_converged"].notna()]
-        parts.append(f"<p>References: converged solutions (runner.reference), {int(checked['ref_converged'].sum())} "
-                     f"of {len(checked)} within {checked['ref_tolerance_db'].iloc[0]:g} dB of their half-step "
+        references = checked.drop_duplicates(subset=[a for a in CONTENT_AXES if a in checked])  # one per content
+        parts.append(f"<p>References: converged solutions (runner.reference), {int(references['ref_converged'].sum())} "
+                     f"of {len(references)} within {references['ref_tolerance_db'].iloc[0]:g} dB of their half-step "
                      f"solve.</p>")
     if "stochastic" in df and df["stochastic"].fillna(False).astype(bool).any():
         names = ", ".join(sorted(set(df[df["stochastic"].fillna(False).astype(bool)]["scheduler"])))
         parts.append(f"<p>Stochastic samplers ({html.escape(names)}, dashed) draw another valid image for the same "
                      f"seed: their distance to the reference image says little. Compare them by distribution "
                      f"(KID/FID).</p>")
-    include_js = True
-    for quality in shown_metrics(df):
-        fig = frontier_figure(df, quality, cost)
-        parts.append(fig.to_html(full_html=False, include_plotlyjs=include_js))
-        include_js = False
+    shown = shown_metrics(df)
+    if shown:
+        parts.append(plotly_script())
+    for quality in shown:
+        parts.append(frontier_figure(df, quality, cost).to_html(full_html=False, include_plotlyjs=False))
         parts.append(paper_table_html(df, quality, cost))
     return "\n".join(parts)
+
+
+def plotly_script() -> str:
+    """plotly.js inline, as a data: URI: the page needs no network, and the library's own link texts (its logo,
+    map tiles it never loads here) are not read as links of the page."""
+    import base64
+
+    from plotly.offline import get_plotlyjs
+
+    return f"<script src='data:text/javascript;base64,{base64.b64encode(get_plotlyjs().encode()).decode()}'></script>"
