@@ -40,6 +40,11 @@ class SweepResults(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         overrides = list(config.hydra.overrides.task)
         overrides += [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+        search = config.hydra.sweeper.get("search")
+        if search:  # a search (experiments/nfe_search.yaml): its trials, and the keys it varies
+            os.environ[SWEEP_SIZE_ENV] = str(search.get("n_trials", "?"))
+            os.environ[SWEPT_KEYS_ENV] = ",".join(search.get("params") or {})
+            return
         try:
             axes = sweep_axes(overrides)
             os.environ[SWEEP_SIZE_ENV] = str(math.prod(axes.values()))

@@ -9,7 +9,7 @@ from pathlib import Path
 
 SWEEP_SIZE_ENV = "RUNNER_SWEEP_SIZE"  # set by runner.callbacks when a multirun starts
 SWEPT_KEYS_ENV = "RUNNER_SWEPT_KEYS"
-NOT_HASHED = ("wandb", "dry_run", "dry_run_results")  # settings that never change an image
+NOT_HASHED = ("wandb", "dry_run", "dry_run_results", "optimize")  # settings that never change an image
 
 
 @dataclass(frozen=True)

@@ -21,13 +21,16 @@ from runner import CONF_DIR
 from runner import context as job_context
 from runner.checks import ConfigError
 from runner.jobdir import ROWS_FILE, discard_job_dir, finished
+from runner.objectives import check_objectives, objectives, read_rows
 from runner.record import write_table
 
 log = logging.getLogger("runner")
 
 
-def run(cfg: DictConfig) -> str:
-    """Returns "ok" or "failed"; a single run exits non-zero when it fails."""
+def run(cfg: DictConfig) -> str | tuple[float, ...]:
+    """Returns "ok" or "failed"; a single run exits non-zero when it fails. With `optimize: [column, ...]` (a search,
+    experiments/nfe_search.yaml) it returns the job's objectives instead, for the sweeper: one number per column
+    (runner.objectives), NaN where the job failed."""
     from runner.launch import pin_worker_gpu
 
     hydra_cfg = HydraConfig.get()
@@ -47,14 +50,17 @@ def run(cfg: DictConfig) -> str:
         discard_job_dir(job_dir)
         return "ok"
     # 3. resume
+    goals = cfg.get("optimize")
     if finished(job_dir, context.config_hash):
         log.info("  already done (same config, every image ok): skipped")
-        return "ok"
+        return objectives(read_rows(job_dir), goals) if goals else "ok"
     # 4. check
     from runner.spec import make_spec
 
     try:
         spec = make_spec(cfg)
+        if goals:
+            check_objectives(goals)
     except ConfigError as err:
         if not multirun:
             discard_job_dir(job_dir)
@@ -63,7 +69,7 @@ def run(cfg: DictConfig) -> str:
         log.error(f"error: {err}")
         write_table(job_dir / ROWS_FILE, [dict(config_columns(cfg), **context.columns(), image_path="",
                                                image_sha256="", status="failed", error=str(err))])
-        return "failed"
+        return objectives([], goals) if goals else "failed"
     # 5. draw and record
     from runner.draw import draw
     from runner.loggers import wandb
@@ -73,6 +79,8 @@ def run(cfg: DictConfig) -> str:
     if failed and not multirun:
         print(f"error: {failed[0]['error']} (details in {job_dir})", file=sys.stderr)
         sys.exit(1)
+    if goals:
+        return objectives(rows, goals)
     return "failed" if failed else "ok"
 
 

@@ -239,3 +239,35 @@ def test_report_has_the_quality_section_and_keeps_the_sweeps_converged_reference
     page = write_report(results.load(quality_sweep), tmp_path / "report").read_text()
     assert "<h2>Quality against cost</h2>" in page and page.count("class=\"plotly-graph-div\"") >= 3
     assert "References: converged solutions" in page and "class='paper'" in page
+
+
+# The multi-objective search (experiments/nfe_search.yaml) -------------------------------------------------------
+
+def test_optimize_names_are_checked(tmp_path):
+    result = run_cli("+optimize=[prompt_adherence,sharpness]", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith("error: optimize='sharpness' is not allowed: a list of: prompt_adherence")
+
+
+def test_search_finishes_with_a_pareto_set_non_dominated_among_its_trials(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the search extra: pip install -e '.[search]'")
+    from omegaconf import OmegaConf
+
+    sweep = tmp_path / "search"
+    result = run_cli("-m", "experiment=nfe_search", "hydra.sweeper.search.n_trials=6", "hydra.sweeper.search.n_jobs=3",
+                     "hydra.sweeper.search.sampler.population_size=3", "hydra.sweeper.search.params.steps='int(interval(1, 6))'",
+                     "seed=[0,1]", "prompt=[a handwritten digit three,a handwritten digit seven]",
+                     "sampling.progress=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = pd.read_parquet(sweep / "results.parquet")
+    trials = rows.groupby("job_dir").agg(prompt_adherence=("prompt_adherence", "mean"), nfe=("nfe", "mean"),
+                                         scheduler=("scheduler", "first"), steps=("steps", "first"), n=("seed", "size"))
+    assert len(trials) == 6 and (trials["n"] == 4).all()  # every trial's rows, 2 prompts x 2 seeds
+    pareto = OmegaConf.to_container(OmegaConf.load(sweep / "optimization_results.yaml"))["solutions"]
+    assert pareto
+    points = trials[["prompt_adherence", "nfe"]].to_numpy()
+    for solution in pareto:
+        adherence, nfe = solution["values"]
+        assert np.isclose(points, [adherence, nfe]).all(axis=1).any()  # a trial's own objectives, as the job returned
+        better = (points[:, 0] >= adherence) & (points[:, 1] <= nfe) & ((points[:, 0] > adherence) | (points[:, 1] < nfe))
+        assert not better.any(), (solution, trials)
