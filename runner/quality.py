@@ -6,12 +6,14 @@ bars, the frontier marked) and a paper-style table (rows samplers, columns NFE, 
     runner.quality.frontier_figure(df, "psnr_to_ref").show()
     runner.quality.paper_table(df, "prompt_adherence")
 
-Per-image metrics get runner.results.summary's bootstrap 95% CI over the cell's images. Per-cell metrics (KID) get
-mean ± 2 std over KID's subsets; FID, biased at small n, gets no interval. Cells whose intervals overlap are never
-called different: the table marks every cell that is not different from its column's best, not one winner.
+Per-image metrics get runner.results.summary's bootstrap 95% CI over the cell's images. KID (per cell) gets
+± 2 standard errors, its std over half-size subsets / sqrt(2); FID, biased at small n, gets no interval. Cells
+whose intervals overlap are never called different: the table marks every cell that is not different from its
+column's best, not one winner.
 """
 
 import html
+import math
 
 from runner.columns import CONTENT_AXES, DISTRIBUTION_COLUMNS
 from runner.results import cell_axes, different, frontier, ok_rows, summary
@@ -53,7 +55,8 @@ def cell_table(df, quality: str, cost: str = "nfe", n_boot: int = 2000, seed: in
         if quality == "kid_digits" and "kid_digits_std" in rows:
             agg["std"] = ("kid_digits_std", "first")
         table = rows.dropna(subset=[quality]).groupby(by, sort=True, dropna=False).agg(**agg).reset_index()
-        spread = 2 * table["std"] if "std" in table else float("nan")
+        # KID's variance falls as 1/n: the std over half-size subsets, / sqrt(2), estimates the whole cell's
+        spread = 2 * table["std"] / math.sqrt(2) if "std" in table else float("nan")
         table["ci_low"], table["ci_high"] = table["mean"] - spread, table["mean"] + spread
     else:
         table = summary(rows, by=by, metrics=[quality], n_boot=n_boot, seed=seed).drop(columns="metric")
@@ -114,9 +117,12 @@ def paper_table(df, quality: str, cost: str = "nfe"):
 
 
 def format_cell(row: dict) -> str:
-    if row["ci_low"] != row["ci_low"]:  # NaN: no interval
+    """"mean ± half-width", both to the half-width's second significant digit ("16.34 ± 0.47", "951 ± 610")."""
+    half = (row["ci_high"] - row["ci_low"]) / 2
+    if half != half:  # NaN: no interval
         return f"{row['mean']:.4g}"
-    return f"{row['mean']:.4g} ± {(row['ci_high'] - row['ci_low']) / 2:.2g}"
+    decimals = max(0, 1 - math.floor(math.log10(half))) if half > 0 else 4
+    return f"{row['mean']:.{decimals}f} ± {half:.{decimals}f}"
 
 
 def paper_table_html(df, quality: str, cost: str = "nfe", higher_is_better: bool | None = None) -> str:
@@ -156,8 +162,8 @@ def report_section(df, cost: str = "nfe") -> str:
     if cost not in df or pd.to_numeric(df[cost], errors="coerce").isna().all():
         return ""
     parts = ["<h2>Quality against cost</h2>",
-             "<p>Bars and ± are bootstrap 95% confidence intervals over each cell's images (KID: ± 2 std over its "
-             "subsets). In each table column, bold marks every cell whose interval overlaps the best one's: those "
+             "<p>Bars and ± are bootstrap 95% confidence intervals over each cell's images (KID: ± 2 standard errors "
+             "from its std over half-size subsets). In each table column, bold marks every cell whose interval overlaps the best one's: those "
              "are not shown to differ.</p>"]
     if "ref_converged" in df and df["ref_converged"].notna().any():
         checked = df[df["ref_converged"].notna()]
