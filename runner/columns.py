@@ -39,8 +39,8 @@ IMAGE_METRIC_COLUMNS = ("prompt_adherence", "class_confidence", "predicted_digit
 SCORE_COLUMNS = ("prompt_adherence", "class_confidence", "clip_score")  # scores, not labels: they average per job
 QUALITY_COLUMNS = ("prompt_adherence", "clip_score")  # how well an image follows its prompt: charted in reports
 # Distance to a reference image of the same content (runner.convergence), filled in sweep tables.
-# With converged references (runner.reference): the PSNR between the two solvers' references, the tolerance it is
-# held to and the outcome. `stochastic`: the row's sampler draws fresh noise (compare it by distribution instead).
+# With converged references (runner.reference): the PSNR between the reference and its half-step solve, the
+# tolerance it is held to and the outcome. `stochastic`: the row's sampler draws fresh noise (compare it by distribution instead).
 CONVERGENCE_COLUMNS = ("psnr_to_ref", "ssim_to_ref", "latent_mse_to_ref", "ref_scheduler", "ref_steps",
                        "ref_converged", "ref_check_psnr", "ref_tolerance_db", "stochastic")
 # Per cell (runner.fid): FID and KID of a cell's images against held-out real digits, in the digit classifier's

@@ -4,8 +4,8 @@ Images are compared only with a reference of the same content: the same model, p
 negative prompt, precision and img2img settings (every axis except scheduler and steps). By default the reference
 is the image with the most steps of the reference scheduler in the rows themselves; `reference=` names a separate
 run (a job dir, sweep dir or tree), e.g. ddim at 200 steps, whose most-steps image per content is then used;
-`reference="auto"` uses converged references (runner.reference: two high-order solvers at many steps, cached and
-checked against each other), and fills `ref_converged`, `ref_check_psnr` and `ref_tolerance_db`.
+`reference="auto"` uses converged references (runner.reference: DPM++ 2M at many steps, checked against its own
+solution at half the steps, cached), and fills `ref_converged`, `ref_check_psnr` and `ref_tolerance_db`.
 Every row gets `stochastic`: its sampler draws fresh noise, so compare it by distribution (runner.fid) instead.
 """
 

@@ -16,17 +16,20 @@ from runner.columns import COST_COLUMNS, SCORE_COLUMNS
 OBJECTIVES = (*SCORE_COLUMNS, *COST_COLUMNS, "time_per_image_s", "kid_digits", "fid_digits")
 
 
-def check_objectives(goals) -> list[str]:
-    names = list(goals) if not isinstance(goals, str) else [goals]
-    for name in names:
+def names(goals) -> list[str]:
+    return [goals] if isinstance(goals, str) else list(goals)
+
+
+def check_objectives(goals) -> None:
+    for name in names(goals):
         if name not in OBJECTIVES:
             fail("optimize", name, "a list of: " + ", ".join(OBJECTIVES))
-    return names
 
 
 def objectives(rows: list[dict], goals) -> tuple[float, ...]:
+    """One number per goal (checked by check_objectives first); all NaN when no row is ok."""
     ok = [r for r in rows if r.get("status") == "ok"]
-    return tuple(objective(ok, len(rows), name) if ok else math.nan for name in check_objectives(goals))
+    return tuple(objective(ok, len(rows), name) if ok else math.nan for name in names(goals))
 
 
 def objective(ok: list[dict], n_rows: int, name: str) -> float:

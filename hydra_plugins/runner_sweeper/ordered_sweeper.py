@@ -46,9 +46,14 @@ class ModelOrderedSweeper(BasicSweeper):
         return BasicSweeper.split_arguments(sorted(overrides, key=load_rank), max_batch_size)
 
     def sweep(self, arguments):
-        if self.search is not None:
+        dry_run = self.config.get("dry_run", False)
+        if self.search is not None and not dry_run:
             return self.search.sweep(arguments)
-        if not self.config.get("dry_run", False):
+        if self.search is not None:
+            trials = self.config.hydra.sweeper.search.get("n_trials")
+            print(f"dry run: a search of {trials} trial(s); it picks each trial's values as it runs, so none are listed")
+            return []
+        if not dry_run:
             return super().sweep(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(self._parse_config() + list(arguments))
