@@ -39,10 +39,19 @@ IMAGE_METRIC_COLUMNS = ("prompt_adherence", "class_confidence", "predicted_digit
 SCORE_COLUMNS = ("prompt_adherence", "class_confidence", "clip_score")  # scores, not labels: they average per job
 QUALITY_COLUMNS = ("prompt_adherence", "clip_score")  # how well an image follows its prompt: charted in reports
 # Distance to a reference image of the same content (runner.convergence), filled in sweep tables.
-CONVERGENCE_COLUMNS = ("psnr_to_ref", "ssim_to_ref", "latent_mse_to_ref", "ref_scheduler", "ref_steps")
+# With converged references (runner.reference): the PSNR between the reference and its half-step solve, the
+# tolerance it is held to and the outcome. `stochastic`: the row's sampler draws fresh noise (compare it by distribution instead).
+CONVERGENCE_COLUMNS = ("psnr_to_ref", "ssim_to_ref", "latent_mse_to_ref", "ref_scheduler", "ref_steps",
+                       "ref_converged", "ref_check_psnr", "ref_tolerance_db", "stochastic")
+# Per cell (runner.fid): FID and KID of a cell's images against held-out real digits, in the digit classifier's
+# feature space; the same values on every row of the cell. Filled in sweep tables.
+DISTRIBUTION_COLUMNS = ("fid_digits", "kid_digits", "kid_digits_std")
+# What a sweep's results.parquet adds to the job rows (runner.callbacks); runner.results.load joins them back.
+SWEEP_METRIC_COLUMNS = CONVERGENCE_COLUMNS + DISTRIBUTION_COLUMNS
 # The report's table, in this order (`job` and `image` are the names of the job dir and PNG).
 REPORT_COLUMNS = ("sweep", "job", "model", "scheduler", "steps", "guidance", "seed", "prompt", "negative_prompt",
                   "height", "width", "precision", "strength", "status", *IMAGE_METRIC_COLUMNS, *CONVERGENCE_COLUMNS,
+                  *DISTRIBUTION_COLUMNS,
                   "nfe", "time_per_image_s", "time_per_step_s", "time_total_s", "device", "gpu", "image", "error")
 # The report's table holds these too, hidden until asked for: long text, paths and hashes.
 REPORT_HIDDEN_COLUMNS = ("config", "overrides", "name", "job_dir", "sweep_dir", "image_path", "latent_path",

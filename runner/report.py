@@ -116,18 +116,23 @@ def write_report(df, out: Path, reference=None, reference_scheduler: str | None 
     """Write report.html, its grid PNGs and full images into `out`, and the manifest naming them; returns the
     HTML's path."""
     from runner.convergence import add_convergence
+    from runner.quality import report_section
     from runner.viewer import viewer_data
     from runner.viewer_charts import charts
 
     out.mkdir(parents=True, exist_ok=True)
     earlier = earlier_files(out)
-    df = add_convergence(df, reference=reference, scheduler=reference_scheduler).reset_index(drop=True)
+    converged = "ref_converged" in df and df["ref_converged"].notna().any()  # the sweep's own reference=auto
+    if reference is not None or not converged:
+        df = add_convergence(df, reference=reference, scheduler=reference_scheduler)
+    df = df.reset_index(drop=True)
     sweeps = list(dict.fromkeys(s for s in df["sweep"] if s))
     title = f"Sweep report: {', '.join(sweeps) or 'runs'}"
     grids = grid_files(df, out)
     data, placed = viewer_data(df, out)
     data["charts"] = [{"name": name, "figure": json.loads(figure)} for name, figure in charts(df)]
-    page = page_html(title, summary_line(df), data, tables_html(df), grids_html(grids))
+    # quality against NFE (runner.quality): Plotly figures and paper-style tables with intervals
+    page = page_html(title, summary_line(df), data, tables_html(df) + report_section(df), grids_html(grids))
     path = out / "report.html"
     atomic_write_bytes(path, page.encode())
     written = [p.name for _, p in grids] + placed
@@ -143,10 +148,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="sweep dirs, job dirs or results trees")
     parser.add_argument("--out", type=Path, help="where report.html goes (default: <first PATH>/report)")
-    parser.add_argument("--reference", type=Path, help="a separate reference run (default: within the sweep)")
+    parser.add_argument("--reference", type=Path, help="a separate reference run, or auto: converged references "
+                                                         "(runner.reference; default: within the sweep)")
     parser.add_argument("--reference-scheduler", help="the reference scheduler (default: the one with most steps)")
     args = parser.parse_args(argv)
-    for path in args.paths + ([args.reference] if args.reference else []):
+    for path in args.paths + ([args.reference] if args.reference and str(args.reference) != "auto" else []):
         if not path.exists():
             print(f"error: path={str(path)!r} is not allowed: an existing sweep dir, job dir or results tree",
                   file=sys.stderr)
