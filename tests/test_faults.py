@@ -451,3 +451,33 @@ def test_ctrl_c_is_one_line_exit_130_and_the_printed_command_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     table = pd.read_parquet(sweep / "results.parquet")
     assert len(table) == 6 and (table.status == "ok").all()
+
+
+# ------------------------------------------------------------------ 14. a dry run at scale streams its lines
+
+def test_a_dry_run_checks_each_point_as_hydra_composes_it(tmp_path):
+    # group choices (model), values (steps, seed) and an added key, swept: each job's config must be its own
+    result = run_cli("-m", "model=tiny-sd,digits-ddpm", "steps=3,0", "seed=[0,1],[2]",
+                     "+scheduler.kwargs.clip_sample=true,false", "dry_run=true", "dry_run_results=nowhere",
+                     f"hydra.sweep.dir={tmp_path / 'dry'}", cwd=tmp_path)
+    assert result.returncode == 2  # the steps=0 points
+    jobs = [line.split() for line in result.stdout.splitlines()[2:-1]]
+    assert len(jobs) == 16
+    ok = [j for j in jobs if "error:" not in j]
+    assert [(j[1], j[2]) for j in ok] == [("2", "3"), ("2", "3"), ("1", "3"), ("1", "3")] * 2
+    assert sum("steps=0" in " ".join(j) and "error: steps=0 is not allowed" in " ".join(j) for j in jobs) == 8
+    assert [j[4] for j in jobs] == ["model=tiny-sd"] * 8 + ["model=digits-ddpm"] * 8
+    assert not (tmp_path / "dry").exists()
+
+
+def test_a_dry_run_prints_each_point_before_it_checks_the_next():
+    from runner.dry_run import report_lines
+
+    def configs():  # as the sweeper hands them over: the next one is composed only when asked for
+        yield compose_config("model=tiny-sd", "steps=3")
+        raise RuntimeError("the second config was asked for before the first line was out")
+
+    lines = report_lines([["steps=3"], ["steps=4"]], configs(), "nowhere", {})
+    assert [next(lines) for _ in range(3)][2].split()[:3] == ["0", "1", "3"]
+    with pytest.raises(RuntimeError, match="second config"):
+        next(lines)
