@@ -481,3 +481,81 @@ def test_a_dry_run_prints_each_point_before_it_checks_the_next():
     assert [next(lines) for _ in range(3)][2].split()[:3] == ["0", "1", "3"]
     with pytest.raises(RuntimeError, match="second config"):
         next(lines)
+
+
+# ------------------------------------------------------------------ 15. W&B after faults
+
+def offline_runs(sweep: Path) -> list[Path]:
+    return sorted((sweep / "wandb").glob("offline-run-*"))
+
+
+def test_a_resumed_sweep_writes_the_wandb_runs_it_never_wrote(tmp_path):
+    from wandb_records import read_run
+
+    sweep = tmp_path / "sweep"
+    args = ("-m", "model=tiny-sd", "steps=1", "guidance=3,5", f"hydra.sweep.dir={sweep}")
+    # the first run wrote its rows but no W&B run (as a sweep whose logger process was killed with it)
+    assert run_cli(*args, "wandb.mode=disabled", cwd=tmp_path).returncode == 0
+    assert not offline_runs(sweep)
+    resumed = run_cli(*args, "wandb.mode=offline", cwd=tmp_path, env={"WANDB_MODE": None})
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.count("already done") == 2
+    assert resumed.stdout.count("W&B: writing this job's run, which an earlier run of the sweep never wrote") == 2
+    job_runs = [r for r in map(read_run, offline_runs(sweep)) if r["run"].display_name != "sweep-summary"]
+    assert sorted(r["run"].display_name for r in job_runs) == ["guidance=3", "guidance=5"]
+    assert all((sweep / str(n) / ".wandb_run").is_file() for n in (0, 1))
+    again = run_cli(*args, "wandb.mode=offline", cwd=tmp_path, env={"WANDB_MODE": None})
+    assert again.returncode == 0 and "W&B: writing this job's run" not in again.stdout
+    assert len([r for r in map(read_run, offline_runs(sweep)) if r["run"].display_name != "sweep-summary"]) == 2
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
+def test_a_full_disk_is_one_wandb_warning_and_leaves_no_half_written_run(tmp_path):
+    import subprocess
+
+    from wandb_records import read_run
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("tmpfs mount refused here")
+    try:
+        sweep = disk / "sweep"
+        result = run_cli("-m", "model=tiny-sd", "steps=1", "guidance=1,2,3,4,5,6", "wandb.mode=offline",
+                         "sampling.progress=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"WANDB_MODE": None})
+        output = result.stdout + result.stderr
+        assert "Traceback" not in output and "Logging error" not in output
+        assert output.count("W&B: the disk is full") == 1
+        runs = offline_runs(sweep)
+        markers = sorted(p.read_text() for p in sweep.glob("*/.wandb_run"))
+        assert sorted(p.name.rsplit("-", 1)[1] for p in runs) == markers  # every run left is a finished one
+        for run_dir in runs:
+            assert read_run(run_dir)["run"].display_name.startswith("guidance=")
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_an_identical_sweep_started_while_one_runs_is_refused_so_no_run_is_written_twice(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "model=tiny-sd", "steps=30", "guidance=3,5", f"hydra.sweep.dir={sweep}"]
+    first = subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    deadline = time.time() + 120
+    lock = sweep / ".sweep.lock"
+    while time.time() < deadline and not (lock.is_file() and lock.read_text() == str(first.pid)):
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGSTOP)  # paused while it holds the dir: the second surely starts meanwhile
+    try:
+        second = run_cli(*args, cwd=tmp_path)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=300) == 0
+    assert one_error_line(second) == (f"error: hydra.sweep.dir={str(sweep)!r} is not allowed: another sweep "
+                                      f"(pid {first.pid}) is running in it; wait for it to end, or use another dir")
+    assert len(pd.read_parquet(sweep / "results.parquet")) == 2
