@@ -5,29 +5,40 @@ of the same model, device and dtype: the median seconds per model evaluation (th
 count one per step) times each job's images and planned evaluations (`planned_nfe`: Heun-type samplers evaluate
 about twice per step), plus the median seconds per image outside the loop (encode, decode, save), plus the median
 load time once per model switch. Jobs flagged `time_includes_warmup` are left out of the rates when there are others. Jobs with no such history show "?".
+
+A sweep's lines are printed as each job is checked (runner's sweeper hands over the configs one at a time), so a
+sweep of 10,000 points starts answering at once and holds one config at a time.
 """
+
+import sys
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 
-def report(jobs: list[list[str]], configs: list[DictConfig], history_path) -> tuple[str, int]:
-    """A plain-text table: one line per job, then the totals; and how many jobs their config check refused."""
+def report_lines(jobs, configs, history_path, summary: dict):
+    """The table's lines, one per job as its config comes, then the totals. `summary` gets "jobs" and "refused"."""
     from runner.checks import ConfigError
     from runner.spec import make_spec
 
     history = past_rows(history_path)
-    lines = [f"dry run: {len(jobs)} job(s); nothing runs (estimates from {history_path})",
-             f"{'#':>3}  {'images':>6}  {'steps':>5}  {'est_s':>8}  overrides"]
-    total_images, total_s, unknown, previous_model = 0, 0.0, 0, None
+    yield f"dry run: {len(jobs)} job(s); nothing runs (estimates from {history_path})"
+    yield f"{'#':>3}  {'images':>6}  {'steps':>5}  {'est_s':>8}  overrides"
+    total_images, total_s, unknown, refused, previous_model = 0, 0.0, 0, 0, None
+    model_files, known_rates = {}, {}  # what each model's files say, and its rates: the same for all its points
     for num, (overrides, cfg) in enumerate(zip(jobs, configs)):
-        cfg = without_hydra(cfg)
         try:
-            spec = make_spec(cfg)
-        except ConfigError as err:
-            lines.append(f"{num:>3}  {'-':>6}  {'-':>5}  {'-':>8}  {shown_overrides(overrides)}  error: {err}")
+            spec = make_spec(without_hydra(cfg), model_files)
+        except Exception as err:  # as a run would refuse it (runner.job): a line, and the next point
+            refused += 1
+            message = err if isinstance(err, ConfigError) else \
+                f"the config could not be checked ({type(err).__name__}: {err})"
+            yield f"{num:>3}  {'-':>6}  {'-':>5}  {'-':>8}  {shown_overrides(overrides)}  error: {message}"
             continue
         images = len(spec.prompts) * len(spec.seeds)
-        per_eval, per_image, load = rates(history, spec)
+        rate_key = (spec.model, spec.device, spec.dtype)
+        if rate_key not in known_rates:
+            known_rates[rate_key] = rates(history, spec)
+        per_eval, per_image, load = known_rates[rate_key]
         model = (spec.name_or_path, spec.dtype, spec.device)
         estimate = (None if per_eval is None else
                     images * (planned_nfe(spec) * per_eval + per_image) + (load if model != previous_model else 0))
@@ -38,32 +49,54 @@ def report(jobs: list[list[str]], configs: list[DictConfig], history_path) -> tu
         else:
             total_s += estimate
         shown = "?" if estimate is None else f"{estimate:.1f}"
-        lines.append(f"{num:>3}  {images:>6}  {spec.steps:>5}  {shown:>8}  {shown_overrides(overrides)}")
-    estimated = len(jobs) - unknown - sum(1 for line in lines if "  error: " in line)
-    if not estimated:
-        lines.append(f"total: {total_images} image(s), time unknown (no earlier results of these models on this "
-                     f"device and dtype under {history_path})")
+        yield f"{num:>3}  {images:>6}  {spec.steps:>5}  {shown:>8}  {shown_overrides(overrides)}"
+    summary.update(jobs=len(jobs), refused=refused)
+    if len(jobs) == unknown + refused:
+        yield (f"total: {total_images} image(s), time unknown (no earlier results of these models on this "
+               f"device and dtype under {history_path})")
     else:
         note = f" ({unknown} job(s) with no earlier results of their model/device/dtype not counted)" if unknown else ""
-        lines.append(f"total: {total_images} image(s), about {total_s:.1f} s{note}")
-    return "\n".join(lines), sum(1 for line in lines if "  error: " in line)
+        yield f"total: {total_images} image(s), about {total_s:.1f} s{note}"
+
+
+def report(jobs: list[list[str]], configs: list[DictConfig], history_path) -> tuple[str, int]:
+    """The whole table as text, and how many jobs the config check refused."""
+    summary = {}
+    text = "\n".join(report_lines(jobs, configs, history_path, summary))
+    return text, summary["refused"]
+
+
+def print_lines(jobs, configs, history_path) -> int:
+    """Print the table line by line as the jobs are checked; returns how many the check refused (the caller then
+    exits 2, after print_refused)."""
+    summary = {}
+    for line in report_lines(jobs, configs, history_path, summary):
+        print(line, flush=True)
+    print_refused(summary["refused"], summary["jobs"])
+    return summary["refused"]
 
 
 def print_report(text: str, refused: int, jobs: int) -> None:
     """The table on stdout; where the check refuses points, one error line on stderr (the caller exits 2)."""
-    import sys
-
     print(text)
+    print_refused(refused, jobs)
+
+
+def print_refused(refused: int, jobs: int) -> None:
     if refused:
         print(f"error: {refused} of {jobs} job(s) would be refused by the config check (listed above); nothing ran",
               file=sys.stderr)
 
 
 def shown_overrides(overrides: list[str]) -> str:
-    return " ".join(o for o in overrides if not o.startswith("dry_run")) or "(defaults)"
+    from runner.context import redact_text
+
+    return " ".join(redact_text(o) for o in overrides if not o.startswith("dry_run")) or "(defaults)"
 
 
 def without_hydra(cfg: DictConfig) -> DictConfig:
+    if "hydra" not in cfg:
+        return cfg
     cfg = cfg.copy()
     with open_dict(cfg):
         cfg.pop("hydra", None)

@@ -87,6 +87,9 @@ def run_point(cfg: DictConfig, hydra_cfg, job_dir: Path, multirun: bool) -> str:
     inject_fault(context.job_num, "job")
     if finished(job_dir, context.config_hash):
         log.info("  already done (same config, every image ok): skipped")
+        from runner.loggers import wandb
+
+        wandb.write_missing_run(cfg, context, job_dir)  # e.g. the killed sweep's logger never wrote it
         return "ok"
     # 4. check
     from runner.spec import make_spec

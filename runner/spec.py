@@ -285,8 +285,9 @@ def scheduler_kwargs(name: str, class_name: str | None, kwargs: dict, family, mo
     return {**kwargs, ("flow_shift" if kwargs.get("use_flow_sigmas") else "shift"): float(shift)}
 
 
-def make_spec(cfg: DictConfig) -> Spec:
-    """Check every value of a composed config and return the plain spec a job runs from."""
+def make_spec(cfg: DictConfig, model_files: dict | None = None) -> Spec:
+    """Check every value of a composed config and return the plain spec a job runs from. `model_files`: a dict
+    that keeps what the model's files said between calls (a dry run checks thousands of points of a few models)."""
     refuse_unknown_targets(OmegaConf.to_container(cfg, resolve=False))
     c = OmegaConf.to_container(cfg, resolve=True)
     model, sched, prec, sampling = c["model"], c["scheduler"], c["precision"], c["sampling"]
@@ -327,10 +328,15 @@ def make_spec(cfg: DictConfig) -> Spec:
     if dtype == "fp16" and c["device"] == "cpu":
         resolve_dtype(dtype, "cpu")
 
-    info = read_model_info(model["name_or_path"], model.get("revision"), model.get("vae"))
-    for key, path in (("model.name_or_path", model["name_or_path"]), ("model.vae", model.get("vae"))):
-        if path and Path(path).is_dir():
-            check_local_weights(Path(path), bool(model.get("allow_pickle")), key)
+    files_key = (model["name_or_path"], model.get("revision"), model.get("vae"), bool(model.get("allow_pickle")))
+    info = (model_files or {}).get(files_key) or read_model_info(model["name_or_path"], model.get("revision"),
+                                                                 model.get("vae"))
+    if files_key not in (model_files or {}):
+        for key, path in (("model.name_or_path", model["name_or_path"]), ("model.vae", model.get("vae"))):
+            if path and Path(path).is_dir():
+                check_local_weights(Path(path), bool(model.get("allow_pickle")), key)
+    if model_files is not None:
+        model_files[files_key] = info
     sizes = {}
     for key in ("height", "width"):
         value = c[key]

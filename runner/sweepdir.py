@@ -80,8 +80,12 @@ def refuse(sweep_dir: Path, why: str) -> None:
     sys.exit(2)
 
 
-def check(sweep_dir: Path, this: list[str], append: bool, own_sweeper: bool) -> None:
-    """Refuse (one line, exit 2) a sweep that would mix with another in `sweep_dir`; reads, writes nothing."""
+def check(sweep_dir: Path, this: list[str], append: bool, own_sweeper: bool, locked: bool = False) -> None:
+    """Refuse (one line, exit 2) a sweep that would mix with another in `sweep_dir`; reads, writes nothing.
+    `locked`: this process holds the dir's lock."""
+    holder = None if locked else held_by(sweep_dir)
+    if holder is not None:  # first: while a sweep starts, its dir is half-recorded
+        refuse(sweep_dir, f"another sweep (pid {holder}) is running in it; wait for it to end, or use another dir")
     if not in_use(sweep_dir):
         return
     sweeps = recorded_sweeps(sweep_dir)
@@ -95,6 +99,23 @@ def check(sweep_dir: Path, this: list[str], append: bool, own_sweeper: bool) -> 
     if not own_sweeper:
         refuse(sweep_dir, f"+{APPEND_KEY}=true numbers the new jobs after the ones there, which needs the runner's "
                           "sweeper (hydra/sweeper=ordered, the default)")
+
+
+def held_by(sweep_dir: Path) -> str | None:
+    """The pid written in the dir's lock file while a live process holds it; None when none does."""
+    import fcntl
+
+    try:
+        handle = open(sweep_dir / LOCK_FILE)
+    except OSError:
+        return None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return handle.read().strip() or "?"
+        fcntl.flock(handle, fcntl.LOCK_UN)
+    return None
 
 
 def lock(sweep_dir: Path) -> None:
@@ -132,7 +153,7 @@ def start(sweep_dir: Path, overrides: list[str], jobs: int | None, append: bool,
     this = identity(overrides)
     check(sweep_dir, this, append, own_sweeper)  # before anything is written
     lock(sweep_dir)
-    check(sweep_dir, this, append, own_sweeper)  # again under the lock: another sweep may have started meanwhile
+    check(sweep_dir, this, append, own_sweeper, locked=True)  # again under the lock: another may have started
     sweeps = recorded_sweeps(sweep_dir) or []
     same = next((s for s in sweeps if s["overrides"] == this), None)
     if same is None:

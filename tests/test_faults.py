@@ -451,3 +451,111 @@ def test_ctrl_c_is_one_line_exit_130_and_the_printed_command_resumes(tmp_path):
     assert resumed.returncode == 0, resumed.stderr
     table = pd.read_parquet(sweep / "results.parquet")
     assert len(table) == 6 and (table.status == "ok").all()
+
+
+# ------------------------------------------------------------------ 14. a dry run at scale streams its lines
+
+def test_a_dry_run_checks_each_point_as_hydra_composes_it(tmp_path):
+    # group choices (model), values (steps, seed) and an added key, swept: each job's config must be its own
+    result = run_cli("-m", "model=tiny-sd,digits-ddpm", "steps=3,0", "seed=[0,1],[2]",
+                     "+scheduler.kwargs.clip_sample=true,false", "dry_run=true", "dry_run_results=nowhere",
+                     f"hydra.sweep.dir={tmp_path / 'dry'}", cwd=tmp_path)
+    assert result.returncode == 2  # the steps=0 points
+    jobs = [line.split() for line in result.stdout.splitlines()[2:-1]]
+    assert len(jobs) == 16
+    ok = [j for j in jobs if "error:" not in j]
+    assert [(j[1], j[2]) for j in ok] == [("2", "3"), ("2", "3"), ("1", "3"), ("1", "3")] * 2
+    assert sum("steps=0" in " ".join(j) and "error: steps=0 is not allowed" in " ".join(j) for j in jobs) == 8
+    assert [j[4] for j in jobs] == ["model=tiny-sd"] * 8 + ["model=digits-ddpm"] * 8
+    assert not (tmp_path / "dry").exists()
+
+
+def test_a_dry_run_prints_each_point_before_it_checks_the_next():
+    from runner.dry_run import report_lines
+
+    def configs():  # as the sweeper hands them over: the next one is composed only when asked for
+        yield compose_config("model=tiny-sd", "steps=3")
+        raise RuntimeError("the second config was asked for before the first line was out")
+
+    lines = report_lines([["steps=3"], ["steps=4"]], configs(), "nowhere", {})
+    assert [next(lines) for _ in range(3)][2].split()[:3] == ["0", "1", "3"]
+    with pytest.raises(RuntimeError, match="second config"):
+        next(lines)
+
+
+# ------------------------------------------------------------------ 15. W&B after faults
+
+def offline_runs(sweep: Path) -> list[Path]:
+    return sorted((sweep / "wandb").glob("offline-run-*"))
+
+
+def test_a_resumed_sweep_writes_the_wandb_runs_it_never_wrote(tmp_path):
+    from wandb_records import read_run
+
+    sweep = tmp_path / "sweep"
+    args = ("-m", "model=tiny-sd", "steps=1", "guidance=3,5", f"hydra.sweep.dir={sweep}")
+    # the first run wrote its rows but no W&B run (as a sweep whose logger process was killed with it)
+    assert run_cli(*args, "wandb.mode=disabled", cwd=tmp_path).returncode == 0
+    assert not offline_runs(sweep)
+    resumed = run_cli(*args, "wandb.mode=offline", cwd=tmp_path, env={"WANDB_MODE": None})
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.count("already done") == 2
+    assert resumed.stdout.count("W&B: writing this job's run, which an earlier run of the sweep never wrote") == 2
+    job_runs = [r for r in map(read_run, offline_runs(sweep)) if r["run"].display_name != "sweep-summary"]
+    assert sorted(r["run"].display_name for r in job_runs) == ["guidance=3", "guidance=5"]
+    assert all((sweep / str(n) / ".wandb_run").is_file() for n in (0, 1))
+    again = run_cli(*args, "wandb.mode=offline", cwd=tmp_path, env={"WANDB_MODE": None})
+    assert again.returncode == 0 and "W&B: writing this job's run" not in again.stdout
+    assert len([r for r in map(read_run, offline_runs(sweep)) if r["run"].display_name != "sweep-summary"]) == 2
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
+def test_a_full_disk_is_one_wandb_warning_and_leaves_no_half_written_run(tmp_path):
+    import subprocess
+
+    from wandb_records import read_run
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)]).returncode != 0:
+        pytest.skip("tmpfs mount refused here")
+    try:
+        sweep = disk / "sweep"
+        result = run_cli("-m", "model=tiny-sd", "steps=1", "guidance=1,2,3,4,5,6", "wandb.mode=offline",
+                         "sampling.progress=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"WANDB_MODE": None})
+        output = result.stdout + result.stderr
+        assert "Traceback" not in output and "Logging error" not in output
+        assert output.count("W&B: the disk is full") == 1
+        runs = offline_runs(sweep)
+        markers = sorted(p.read_text() for p in sweep.glob("*/.wandb_run"))
+        assert sorted(p.name.rsplit("-", 1)[1] for p in runs) == markers  # every run left is a finished one
+        for run_dir in runs:
+            assert read_run(run_dir)["run"].display_name.startswith("guidance=")
+    finally:
+        subprocess.run(["umount", str(disk)])
+
+
+def test_an_identical_sweep_started_while_one_runs_is_refused_so_no_run_is_written_twice(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep = tmp_path / "sweep"
+    args = ["-m", "model=tiny-sd", "steps=30", "guidance=3,5", f"hydra.sweep.dir={sweep}"]
+    first = subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+    deadline = time.time() + 120
+    lock = sweep / ".sweep.lock"
+    while time.time() < deadline and not (lock.is_file() and lock.read_text() == str(first.pid)):
+        time.sleep(0.05)
+    os.kill(first.pid, signal.SIGSTOP)  # paused while it holds the dir: the second surely starts meanwhile
+    try:
+        second = run_cli(*args, cwd=tmp_path)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert first.wait(timeout=300) == 0
+    assert one_error_line(second) == (f"error: hydra.sweep.dir={str(sweep)!r} is not allowed: another sweep "
+                                      f"(pid {first.pid}) is running in it; wait for it to end, or use another dir")
+    assert len(pd.read_parquet(sweep / "results.parquet")) == 2
