@@ -78,7 +78,9 @@ class SweepResults(Callback):
             self.remember_sweep_dir(Path(config.hydra.sweep.dir))
             return
         from runner import sweepdir
+        from runner.launch import SWEEP_PID_ENV
 
+        os.environ[SWEEP_PID_ENV] = str(os.getpid())  # launcher workers exit when this process is gone
         own_sweeper = config.hydra.sweeper.get("_target_") == ORDERED_SWEEPER
         first_job = sweepdir.start(Path(config.hydra.sweep.dir), overrides,
                                    math.prod(axes.values()) if axes is not None else None,

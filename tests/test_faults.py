@@ -559,3 +559,57 @@ def test_an_identical_sweep_started_while_one_runs_is_refused_so_no_run_is_writt
     assert one_error_line(second) == (f"error: hydra.sweep.dir={str(sweep)!r} is not allowed: another sweep "
                                       f"(pid {first.pid}) is running in it; wait for it to end, or use another dir")
     assert len(pd.read_parquet(sweep / "results.parquet")) == 2
+
+
+# ------------------------------------------------------------------ 16. a killed sweep leaves no worker behind
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":\t", 1) for line in status.read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        if fields.get("PPid", "").strip() == str(pid):
+            found.add(int(status.parent.name))
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        return not Path(f"/proc/{pid}/status").read_text().split("State:\t", 1)[1].startswith("Z")
+    except (OSError, IndexError):
+        return False
+
+
+def test_the_workers_of_a_killed_parallel_sweep_exit(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    sweep = tmp_path / "sweep"
+    parent = subprocess.Popen([sys.executable, "-m", "runner", "-m", "hydra/launcher=gpus", "model=tiny-sd",
+                               "steps=300", "guidance=1,2,3,4,5,6", "sampling.progress=false",
+                               f"hydra.sweep.dir={sweep}"], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True,
+                              env=dict(os.environ, HF_HUB_OFFLINE="1", CUDA_VISIBLE_DEVICES=""))
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and not all((sweep / n / "runner.log").is_file() for n in ("0", "1")):
+            time.sleep(0.1)  # both workers are drawing a job
+        workers = {p for p in children_of(parent.pid)
+                   if "LokyProcess" in Path(f"/proc/{p}/cmdline").read_bytes().decode(errors="replace")}
+        assert len(workers) == 2
+        os.kill(parent.pid, signal.SIGKILL)  # the parent alone, as an OOM killer or `kill -9` does
+        parent.wait()
+        deadline = time.time() + 60
+        while time.time() < deadline and any(alive(p) for p in workers):
+            time.sleep(0.2)
+        assert not any(alive(p) for p in workers)
+    finally:
+        try:
+            os.killpg(parent.pid, signal.SIGKILL)  # whatever is left of the group
+        except ProcessLookupError:
+            pass
