@@ -15,6 +15,7 @@ from omegaconf import DictConfig, OmegaConf
 from runner import families
 from runner.checks import ConfigError, as_int, as_list, as_number, fail
 from runner.metrics import METRICS
+from runner.precision import DTYPES as TORCH_DTYPES
 from runner.schedulers import ALLOWED_SCHEDULERS, K_BACKEND, check_k_backend, check_schedule, check_single_step
 
 MAX_SEED = 2**63 - 1
@@ -29,7 +30,7 @@ MAX_GUIDANCE = 100.0
 MAX_ETA = 1.0  # DDIM's eta: 0 deterministic, 1 DDPM-like; above 1 its noise term asks for a negative variance
 MAX_SHIFT = 100.0
 DEVICES = "auto | cpu | cuda | cuda:N"
-DTYPES = ("auto", "fp32", "fp16", "bf16")
+DTYPES = ("auto", *TORCH_DTYPES)  # precision.dtype: auto, or a name runner.precision maps to torch
 
 
 # The only classes a config may name with `_target_` (Hydra instantiates hydra.callbacks itself).
