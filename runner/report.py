@@ -59,25 +59,43 @@ def grid_files(df, out: Path) -> list[tuple[str, Path]]:
     return files
 
 
-def schedule_plot(df, out: Path) -> Path | None:
-    """Sigma against step, one line per scheduler and steps value (from each job's schedule.csv)."""
+def schedule_axes(schedule, y: str = "sigma"):
+    """(x, y) of one schedule.csv frame: x = the fraction of steps done, step / (n - 1), so that schedules of any
+    length share an axis; y = its `sigma` or `log_snr` column (log-SNR puts VP and flow schedules on one scale)."""
+    if y not in ("sigma", "log_snr"):
+        raise ValueError(f"y={y!r} is not allowed: 'sigma' or 'log_snr'")
+    return schedule["step"] / max(1, len(schedule) - 1), schedule[y]
+
+
+def schedule_plot(df, out: Path, log_snr: bool = False) -> Path | None:
+    """Sigma against step, or with `log_snr` log-SNR against the fraction of steps done (schedule_axes), one line
+    per scheduler and steps value (from each job's schedule.csv)."""
     import pandas as pd
 
     curves = {}
-    for (scheduler, steps), rows in df[df["status"] == "ok"].groupby(["scheduler", "steps"], sort=True):
+    swept_shift = "shift" in df and df["shift"].nunique() > 1  # flow models: the shift reshapes the schedule
+    keys = ["scheduler", "steps"] + ["shift"] * swept_shift
+    for key, rows in df[df["status"] == "ok"].groupby(keys, sort=True, dropna=False):
         path = Path(rows["job_dir"].iloc[0]) / SCHEDULE_FILE
         if path.is_file():
-            curves[f"{scheduler}, {steps} steps"] = pd.read_csv(path)
+            shift = f", shift {key[2]:g}" if swept_shift and pd.notna(key[2]) else ""
+            curves[f"{key[0]}, {key[1]} steps{shift}"] = pd.read_csv(path)
+    if log_snr:  # schedules written before log_snr have none
+        curves = {label: schedule for label, schedule in curves.items() if "log_snr" in schedule}
     if not curves:
         return None
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(8, 4.5))
     styles = ("-", "--", ":", "-.")  # schedulers that share a schedule (ddim and euler) stay visible
     for n, (label, schedule) in enumerate(curves.items()):
-        ax.plot(schedule["step"], schedule["sigma"], marker=".", linestyle=styles[n % len(styles)], label=label)
-    ax.set(xlabel="step", ylabel="sigma", yscale="log", title="Sigma schedules")
+        x, y = schedule_axes(schedule, "log_snr") if log_snr else (schedule["step"], schedule["sigma"])
+        ax.plot(x, y, marker=".", linestyle=styles[n % len(styles)], label=label)
+    if log_snr:
+        ax.set(xlabel="fraction of steps done", ylabel="log SNR", title="log-SNR schedules")
+    else:
+        ax.set(xlabel="step", ylabel="sigma", yscale="log", title="Sigma schedules")
     ax.legend(fontsize="small", ncol=2)
-    return _save_figure(fig, out / "sigma_schedule.png")
+    return _save_figure(fig, out / ("log_snr_schedule.png" if log_snr else "sigma_schedule.png"))
 
 
 def bar_chart(df, metric: str, title: str, ylabel: str, path: Path, bars: str = "steps") -> Path | None:
@@ -206,6 +224,8 @@ def write_report(df, out: Path, reference=None, reference_scheduler: str | None 
     if grids:
         sections.append("<h2>Image grids</h2>" + "".join(_img(path, caption) for caption, path in grids))
     charts = [(schedule_plot(df, out), "sigma against step, one line per scheduler and steps value"),
+              (schedule_plot(df, out, log_snr=True), "log-SNR against the fraction of steps done: VP and flow "
+               "schedules on one axis (-inf, pure noise, is off the chart)"),
               (convergence_plot(df, out), "PSNR of each image to its reference (higher is closer)"),
               (bar_chart(df, "time_per_image_s", "Time per image", "seconds", out / "time_per_image.png"),
                "mean seconds per image"),

@@ -80,6 +80,7 @@ class Spec:
     precision_options: dict = field(default_factory=dict)  # runner.precision: tf32, channels_last, compile ...
     family_options: dict = field(default_factory=dict)  # the family's own config node (Family.options_key)
     pipeline_config: dict = field(default_factory=dict)  # model_index.json's settings beside its components
+    shift: float | None = None  # a flow model's static shift as swept (null: the model's own); in scheduler_kwargs
 
 
 def resolve_device(device: str) -> str:
@@ -324,7 +325,7 @@ def make_spec(cfg: DictConfig) -> Spec:
         progress=bool(sampling["progress"]), init_image=init_image, strength=strength,
         precision_options=check_options(prec, device, family), metric=metric, clip_model=clip_model,
         family_options=dict(c.get(family.options_key) or {}) if family.options_key else {},
-        pipeline_config=info.pipeline_config,
+        pipeline_config=info.pipeline_config, shift=None if c.get("shift") is None else float(c["shift"]),
     )
     family.check(spec)
     return spec

@@ -50,8 +50,8 @@ def report(small_sweep, tmp_path_factory):
 def test_report_files_and_table(report):
     page = (report / "report.html").read_text()
     pngs = sorted(p.name for p in report.glob("*.png"))
-    assert pngs == ["convergence.png", "grid_sweep_00.png", "grid_sweep_01.png", "mem_peak_rss_mb.png",
-                    "prompt_adherence.png", "sigma_schedule.png", "time_per_image.png",
+    assert pngs == ["convergence.png", "grid_sweep_00.png", "grid_sweep_01.png", "log_snr_schedule.png",
+                    "mem_peak_rss_mb.png", "prompt_adherence.png", "sigma_schedule.png", "time_per_image.png",
                     "time_per_step.png"]  # no CUDA memory charts on CPU, no clip_score chart without CLIP weights
     assert page.count("<img src='data:image/png;base64,") == len(pngs)  # self-contained: every picture inline
     assert not re.search(r"(src|href)=['\"]?(https?:|//)", page)  # nothing fetched from a network
@@ -91,7 +91,7 @@ def test_report_in_headless_chromium(report, tmp_path):
     match = re.search(r"<pre id=\"probe\">(.*?)</pre>", dom.stdout)
     assert match, dom.stderr[-2000:]
     probe = json.loads(match.group(1).replace("&quot;", '"'))
-    assert len(probe["widths"]) == 8 and all(w > 0 for w in probe["widths"])  # every grid and chart rendered
+    assert len(probe["widths"]) == 9 and all(w > 0 for w in probe["widths"])  # every grid and chart rendered
     assert probe["steps"] == ["4"] * 4 + ["2"] * 4  # the table has the sweep's 8 rows, and sorts
 
     screenshot = tmp_path / "report.png"

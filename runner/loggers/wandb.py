@@ -192,12 +192,14 @@ def log_job(options: dict, config: dict, rows: list[dict], schedule: list[dict],
         run.define_metric("schedule/step")
         run.define_metric("schedule/*", step_metric="schedule/step")
         for point in schedule:
-            run.log({"schedule/step": point["step"], "schedule/sigma": point["sigma"], "schedule/timestep": point["timestep"]})
+            run.log({"schedule/step": point["step"], "schedule/sigma": point["sigma"], "schedule/timestep": point["timestep"],
+                     "schedule/log_snr": point["log_snr"]})  # one axis for VP and flow schedules
         ok = [r for r in rows if r["status"] == "ok"]
         # wandb.Image from the PNG we already wrote: no second encode on the hot path
         images = [wandb.Image(str(job_dir / r["image_path"]), caption=caption(r)) for r in ok]
-        payload = {"schedule_table": wandb.Table(columns=["step", "timestep", "sigma"],
-                                                 data=[[p["step"], p["timestep"], p["sigma"]] for p in schedule]),
+        payload = {"schedule_table": wandb.Table(columns=["step", "timestep", "sigma", "log_snr"],
+                                                 data=[[p["step"], p["timestep"], p["sigma"], p["log_snr"]]
+                                                       for p in schedule]),
                    "rows": rows_table(wandb, rows)}
         if images:
             payload["images"] = images
