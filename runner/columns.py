@@ -6,15 +6,15 @@ evaluations), the metrics, the timings, and the status.
 """
 
 # What users sweep, in the order grids and reports show them.
-AXES = ("model", "scheduler", "schedule", "steps", "guidance", "seed", "prompt", "negative_prompt", "strength", "precision",
-        "height", "width")
+AXES = ("model", "scheduler", "schedule", "steps", "shift", "guidance", "seed", "prompt", "negative_prompt",
+        "strength", "precision", "height", "width")
 # Every axis except scheduler and steps: images that share these show the same content, whatever solved it
 # (runner.convergence compares them with a reference).
 CONTENT_AXES = ("model", "prompt", "negative_prompt", "seed", "guidance", "height", "width", "precision", "strength",
                 "init_image")
 # The axes as a checked spec holds them (option names, not class names), first in every row.
-SPEC_COLUMNS = ("model", "scheduler", "schedule", "precision", "steps", "guidance", "negative_prompt", "height", "width", "device",
-                "dtype", "strength", "init_image", "scheduler_class", "model_name_or_path", "family")
+SPEC_COLUMNS = ("model", "scheduler", "schedule", "precision", "steps", "guidance", "negative_prompt", "height", "width",
+                "device", "dtype", "strength", "init_image", "scheduler_class", "model_name_or_path", "family", "shift")
 # runner.context.JobContext: where the row was drawn and as what.
 CONTEXT_COLUMNS = ("job_dir", "sweep_dir", "job_num", "overrides", "name", "config_hash", "worker_pid",
                    "cuda_visible_devices", "config")

@@ -215,7 +215,7 @@ def spec_columns(spec) -> dict:
     return dict(model=s.model, scheduler=s.scheduler, schedule=s.schedule, precision=s.precision, steps=s.steps, guidance=s.guidance,
                 negative_prompt=s.negative_prompt, height=s.height, width=s.width, device=s.device, dtype=s.dtype,
                 strength=s.strength, init_image=s.init_image or "", scheduler_class=s.scheduler_class or "",
-                model_name_or_path=s.name_or_path, family=s.family)
+                model_name_or_path=s.name_or_path, family=s.family, shift=s.shift)
 
 
 def environment(spec) -> dict:

@@ -115,6 +115,7 @@ class Spec:
     model_facts: dict = field(default_factory=dict)  # Family.facts (e.g. guidance_embedded)
     scheduler_backend: str = "diffusers"  # or k-diffusion (runner.ksampling)
     k_sampler: dict = field(default_factory=dict)  # k-diffusion: sampler, noise_sampler, quantize
+    shift: float | None = None  # a flow model's static shift as swept (null: the model's own); in scheduler_kwargs
 
 
 def resolve_device(device: str) -> str:
@@ -387,6 +388,7 @@ def make_spec(cfg: DictConfig, model_files: dict | None = None) -> Spec:
         family_options=dict(c.get(family.options_key) or {}) if family.options_key else {},
         pipeline_config=info.pipeline_config, schedule=schedule["name"], schedule_timesteps=schedule_timesteps,
         schedule_sigmas=schedule_sigmas, model_facts=info.facts, scheduler_backend=backend, k_sampler=k_sampler,
+        shift=None if c.get("shift") is None else float(c["shift"]),
     )
     family.check(spec)
     return spec

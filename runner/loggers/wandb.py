@@ -210,15 +210,15 @@ def write_job_run(options: dict, config: dict, rows: list[dict], schedule: list[
     run.define_metric("schedule/*", step_metric="schedule/step")
     for point in schedule:
         record = {"schedule/step": point["step"], "schedule/sigma": point["sigma"], "schedule/timestep": point["timestep"]}
-        log_snr = point.get("log_snr")
-        if log_snr is not None and abs(log_snr) != float("inf"):  # VP and flow schedules on one axis (-inf: pure noise)
-            record["schedule/log_snr"] = log_snr
+        if point.get("log_snr") is not None:  # VP and flow schedules on one axis (-inf: pure noise)
+            record["schedule/log_snr"] = point["log_snr"]
         run.log(record)
     ok = [r for r in rows if r["status"] == "ok"]
     # wandb.Image from the PNG we already wrote: no second encode on the hot path
     images = [wandb.Image(str(job_dir / r["image_path"]), caption=caption(r)) for r in ok]
-    payload = {"schedule_table": wandb.Table(columns=["step", "timestep", "sigma"],
-                                             data=[[p["step"], p["timestep"], p["sigma"]] for p in schedule]),
+    payload = {"schedule_table": wandb.Table(columns=["step", "timestep", "sigma", "log_snr"],
+                                             data=[[p["step"], p["timestep"], p["sigma"], p.get("log_snr")]
+                                                   for p in schedule]),
                "rows": rows_table(wandb, rows)}
     if images:
         payload["images"] = images
