@@ -12,20 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config, read_png, run_job_in
+from conftest import assert_same_image, compose_config, read_png, run_job_in, to_uint8
 from runner import embedded_model_path
 
 PROMPT, SEED = "a red cube on a table", 5
-
-
-def assert_same_image(ours, theirs):
-    assert ours.shape == theirs.shape
-    diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
-    assert diff <= 1, f"max pixel difference {diff}/255"
-
-
-def to_uint8(image):
-    return (image * 255).round().astype("uint8")
 
 
 @pytest.fixture(scope="module")

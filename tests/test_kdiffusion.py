@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import compose_config, read_png, run_job_in
+from conftest import assert_same_image, compose_config, read_png, run_job_in
 from runner import embedded_model_path
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("k_diffusion") is None,
@@ -34,12 +34,6 @@ OPTIONS = {
     "k_dpmpp_2m_sde": ("sample_dpmpp_2m_sde", "brownian", STEPS),
     "k_dpmpp_3m_sde": ("sample_dpmpp_3m_sde", "brownian", STEPS),
 }
-
-
-def assert_same_image(ours, theirs):
-    assert ours.shape == theirs.shape
-    diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
-    assert diff <= 1, f"max pixel difference {diff}/255"
 
 
 def to_uint8(images):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from conftest import compose_config, read_png, run_cli, run_job_in
+from conftest import assert_same_image, compose_config, read_png, run_cli, run_job_in
 from runner import embedded_model_path
 
 STEPS = 5
@@ -25,12 +25,6 @@ TAKERS = {"euler": ("EulerDiscreteScheduler", {}), "heun": ("HeunDiscreteSchedul
 AYS_SD_TIMESTEPS = [999, 850, 736, 645, 545, 455, 343, 233, 124, 24]
 AYS_SD_SIGMAS = [14.615, 6.475, 3.861, 2.697, 1.886, 1.396, 0.963, 0.652, 0.399, 0.152, 0.0]
 AYS_SDXL_SIGMAS = [14.615, 6.315, 3.771, 2.181, 1.342, 0.862, 0.555, 0.38, 0.234, 0.113, 0.0]
-
-
-def assert_same_image(ours, theirs):
-    assert ours.shape == theirs.shape
-    diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
-    assert diff <= 1, f"max pixel difference {diff}/255"
 
 
 @pytest.fixture(scope="module")
