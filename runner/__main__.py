@@ -104,8 +104,11 @@ def warn_unknown_top_level_keys(argv: list[str]) -> None:
         return
     from runner.sweepdir import APPEND_KEY
 
-    known = set(OmegaConf.load(CONF_DIR / "config.yaml").keys()) | {"model", "scheduler", "precision", "sampling",
-                                                                       APPEND_KEY}
+    # the config groups, and the keys a run may add: +append=true (runner.sweepdir), +optimize=[...] (a search,
+    # runner.objectives), and the family options some model configs bring (sdxl, flux, shift)
+    groups = {p.name for p in CONF_DIR.iterdir() if p.is_dir()}
+    known = set(OmegaConf.load(CONF_DIR / "config.yaml").keys()) | groups | {APPEND_KEY, "optimize", "sdxl", "flux",
+                                                                               "shift"}
     for override in overrides:
         key = override.key_or_group
         if override.is_add() and "." not in key and "/" not in key and key not in known:
