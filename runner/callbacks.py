@@ -97,15 +97,13 @@ class SweepResults(Callback):
                 pass
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from runner import sweepdir
         from runner.loggers import wandb
 
         if config.get("dry_run"):  # nothing ran: no table, and the sweep dir as it was
             self.undo_dry_run(Path(config.hydra.sweep.dir))
             return
-
         # Hydra turns a callback's exception into a warning: a sweep whose table could not be written must still fail.
-        from runner import sweepdir
-
         try:
             wandb.wait_background()  # the jobs' W&B runs, written beside the sampling
             self.write_sweep_results(config)
@@ -117,12 +115,10 @@ class SweepResults(Callback):
             sweepdir.unlock()
 
     def write_sweep_results(self, config: DictConfig) -> None:
-        from runner import results
+        from runner import results, sweepdir
         from runner.columns import CONVERGENCE_COLUMNS
         from runner.convergence import add_convergence
         from runner.record import write_table
-
-        from runner import sweepdir
 
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():

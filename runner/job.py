@@ -109,9 +109,16 @@ def refuse(cfg: DictConfig, hydra_cfg, job_dir: Path, multirun: bool, message: s
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     log.error(f"error: {message}")
-    write_table(job_dir / ROWS_FILE, [dict(failure_columns(cfg, hydra_cfg, multirun), image_path="",
-                                           image_sha256="", status="failed", error=message)])
+    write_failed_row(cfg, hydra_cfg, job_dir, message)
     return "failed"
+
+
+def write_failed_row(cfg: DictConfig, hydra_cfg, job_dir: Path, message: str) -> None:
+    try:
+        write_table(job_dir / ROWS_FILE, [dict(failure_columns(cfg, hydra_cfg, True), image_path="",
+                                               image_sha256="", status="failed", error=message)])
+    except OSError as err:  # e.g. a full disk: the point is missing from the table, and a resume runs it
+        log.error(f"  could not write {job_dir / ROWS_FILE}: {err}")
 
 
 def point_failed(cfg: DictConfig, hydra_cfg, job_dir: Path, multirun: bool, err: Exception) -> str:
@@ -130,11 +137,7 @@ def point_failed(cfg: DictConfig, hydra_cfg, job_dir: Path, multirun: bool, err:
         print(f"error: {message} (details in {job_dir / ERROR_FILE})", file=sys.stderr)
         sys.exit(1)
     log.error(f"  failed: {message}")
-    try:
-        write_table(job_dir / ROWS_FILE, [dict(failure_columns(cfg, hydra_cfg, multirun), image_path="",
-                                               image_sha256="", status="failed", error=message)])
-    except OSError as write_err:
-        log.error(f"  could not write {job_dir / ROWS_FILE}: {write_err}")
+    write_failed_row(cfg, hydra_cfg, job_dir, message)
     return "failed"
 
 
