@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from runner.context import SWEEP_SIZE_ENV, SWEPT_KEYS_ENV
+from runner.context import SWEEP_SIZE_ENV, SWEPT_KEYS_ENV, as_typed
 
 log = logging.getLogger("runner")
 ORDERED_SWEEPER = "hydra_plugins.runner_sweeper.ordered_sweeper.ModelOrderedSweeper"
@@ -45,8 +45,8 @@ class SweepResults(Callback):
         note_run(Path(config.hydra.run.dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        overrides = list(config.hydra.overrides.task)
-        overrides += [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+        overrides = as_typed(config.hydra.overrides.task)
+        overrides += [f"{k}={v}" for k, v in (as_typed(config.hydra.sweeper.get("params")) or {}).items()]
         try:
             axes = sweep_axes(overrides)
         except Exception:  # a sweeper with its own syntax: the job lines show "?" and W&B names every override

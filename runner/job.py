@@ -47,10 +47,7 @@ def run(cfg: DictConfig) -> str:
         from omegaconf.errors import OmegaConfBaseException
 
         if isinstance(err, OmegaConfBaseException):  # e.g. an interpolation that does not resolve: bad input
-            key, typed = unresolvable(cfg)
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            return refuse(cfg, hydra_cfg, job_dir, multirun, f"{key}={typed!r} is not allowed: it does not resolve "
-                          f"({reason})")
+            return refuse(cfg, hydra_cfg, job_dir, multirun, unresolved_message(cfg, err))
         return point_failed(cfg, hydra_cfg, job_dir, multirun, err)
 
 
@@ -65,7 +62,7 @@ def run_point(cfg: DictConfig, hydra_cfg, job_dir: Path, multirun: bool) -> str:
     if cfg.dry_run:
         from runner.dry_run import print_report, single_run_report
 
-        text, refused = single_run_report(cfg, list(hydra_cfg.overrides.task))
+        text, refused = single_run_report(cfg, job_context.as_typed(hydra_cfg.overrides.task))
         print_report(text, refused, 1)
         discard_job_dir(job_dir)
         if refused and not multirun:
@@ -151,6 +148,13 @@ def failure_columns(cfg: DictConfig, hydra_cfg, multirun: bool) -> dict:
         return dict(config_columns(cfg), **context)
     except Exception:
         return context
+
+
+def unresolved_message(cfg: DictConfig, err: Exception) -> str:
+    """The refusal of a config that does not resolve: which key, as written, and why."""
+    key, typed = unresolvable(cfg)
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"{key}={typed!r} is not allowed: it does not resolve ({reason})"
 
 
 def unresolvable(cfg: DictConfig, path: str = "") -> tuple[str, object]:
