@@ -35,7 +35,19 @@ def refuse_empty_axes(overrides: list[str], axes: dict[str, int]) -> None:
 
 
 class SweepResults(Callback):
-    """Counts the jobs when a multirun starts; writes results.parquet/.csv and a failure summary when it ends."""
+    """Counts the jobs when a multirun starts; writes results.parquet/.csv and a failure summary when it ends.
+
+    `distribution_min_images`: FID/KID per cell (runner.fid) for cells of at least this many images (None: off).
+    `reference`: None (the sweep's own most-steps image), "auto" (converged references, runner.reference: drawn at
+    `reference_steps`, checked at half, held to `reference_tolerance_db`, kept in `reference_cache`) or a reference
+    run's path. Their values live in conf/config.yaml (hydra.callbacks.sweep_results)."""
+
+    def __init__(self, distribution_min_images: int | None = None, reference: str | None = None,
+                 reference_steps: int | None = None, reference_tolerance_db: float | None = None,
+                 reference_cache: str | None = None):
+        self.distribution_min_images = distribution_min_images
+        self.reference = reference
+        self.auto_reference = dict(steps=reference_steps, tolerance_db=reference_tolerance_db, cache=reference_cache)
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         from runner.jobdir import remember_before
@@ -47,6 +59,11 @@ class SweepResults(Callback):
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
         overrides = as_typed(config.hydra.overrides.task)
         overrides += [f"{k}={v}" for k, v in (as_typed(config.hydra.sweeper.get("params")) or {}).items()]
+        search = config.hydra.sweeper.get("search")
+        if search:  # a search (experiments/nfe_search.yaml): its trials, and the keys it varies
+            os.environ[SWEEP_SIZE_ENV] = str(search.get("n_trials", "?"))
+            os.environ[SWEPT_KEYS_ENV] = ",".join(search.get("params") or {})
+            return
         try:
             axes = sweep_axes(overrides)
         except Exception:  # a sweeper with its own syntax: the job lines show "?" and W&B names every override
@@ -133,10 +150,20 @@ class SweepResults(Callback):
         if df.empty:
             return
         try:
-            df = add_convergence(df)
+            auto = self.auto_reference if self.reference == "auto" else {}
+            df = add_convergence(df, reference=self.reference, **auto)
         except Exception as err:  # the metrics are extras: the table is still written without them
             log.warning(f"sweep: convergence metrics not computed: {type(err).__name__}: {err}")
             df = df.drop(columns=[c for c in CONVERGENCE_COLUMNS if c in df])  # none from an earlier table
+        if self.distribution_min_images:
+            try:
+                from runner.fid import add_distribution
+
+                df = add_distribution(df, self.distribution_min_images)
+            except ImportError as err:
+                log.warning(f"sweep: FID/KID not computed: {err} (pip install -e '.[quality]')")
+            except Exception as err:
+                log.warning(f"sweep: FID/KID not computed: {type(err).__name__}: {err}")
         write_table(sweep_dir / "results.parquet", results.portable(df, sweep_dir))
         write_table(sweep_dir / "results.csv", results.portable(df, sweep_dir))
         write_grid_and_log(config, sweep_dir, df)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 SWEEP_SIZE_ENV = "RUNNER_SWEEP_SIZE"  # set by runner.callbacks when a multirun starts
 SWEPT_KEYS_ENV = "RUNNER_SWEPT_KEYS"
-NOT_HASHED = ("wandb", "dry_run", "dry_run_results", "append")  # settings that never change an image
+NOT_HASHED = ("wandb", "dry_run", "dry_run_results", "append", "optimize")  # settings that never change an image
 
 # Config keys (and `key=value` overrides) that may hold credentials: their values are written nowhere, neither in
 # rows, tables, logs, .hydra/ files nor W&B. The runner itself reads no such key.

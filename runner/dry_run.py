@@ -1,9 +1,10 @@
 """`dry_run=true`: what a run or sweep would make, and about how long it would take. Nothing loads or runs.
 
 The estimate comes from earlier result rows (runner.results.load over `dry_run_results`, default `results/`)
-of the same model, device and dtype: the median seconds per image per denoising step times each job's images and
-steps, plus the median seconds per image outside the loop (encode, decode, save), plus the median load time once
-per model switch. Jobs flagged `time_includes_warmup` are left out of the rates when there are others. Jobs with no such history show "?".
+of the same model, device and dtype: the median seconds per model evaluation (the rows' `nfe`; rows without it
+count one per step) times each job's images and planned evaluations (`planned_nfe`: Heun-type samplers evaluate
+about twice per step), plus the median seconds per image outside the loop (encode, decode, save), plus the median
+load time once per model switch. Jobs flagged `time_includes_warmup` are left out of the rates when there are others. Jobs with no such history show "?".
 
 A sweep's lines are printed as each job is checked (runner's sweeper hands over the configs one at a time), so a
 sweep of 10,000 points starts answering at once and holds one config at a time.
@@ -34,10 +35,10 @@ def report_lines(jobs, configs, history_path, summary: dict):
         rate_key = (spec.model, spec.device, spec.dtype)
         if rate_key not in known_rates:
             known_rates[rate_key] = rates(history, spec)
-        per_step, per_image, load = known_rates[rate_key]
+        per_eval, per_image, load = known_rates[rate_key]
         model = (spec.name_or_path, spec.dtype, spec.device)
-        estimate = (None if per_step is None else
-                    images * (spec.steps * per_step + per_image) + (load if model != previous_model else 0))
+        estimate = (None if per_eval is None else
+                    images * (planned_nfe(spec) * per_eval + per_image) + (load if model != previous_model else 0))
         previous_model = model
         total_images += images
         if estimate is None:
@@ -128,8 +129,32 @@ def past_rows(path):
     return df if len(df) else None
 
 
+def planned_nfe(spec) -> int:
+    """The model evaluations per image that the job's loop will count (runner.sampling.Tally): one per timestep
+    of its diffusers scheduler after set_timesteps (Heun's list holds 2 × steps - 1, PLMS's steps + 1), or for a
+    k-diffusion sampler 2 × steps - 1 where it evaluates twice per step. No weights load: a scheduler is config."""
+    from runner.schedulers import K_TWO_CALLS, build_scheduler
+
+    if spec.scheduler_backend == "k-diffusion":
+        return 2 * spec.steps - 1 if spec.k_sampler["sampler"] in K_TWO_CALLS else spec.steps
+    try:
+        from diffusers import DDPMScheduler
+
+        from runner.sampling import img2img_start, set_schedule
+
+        # load_config reads any scheduler's config file, whatever class it names
+        config = DDPMScheduler.load_config(spec.name_or_path, subfolder="scheduler", revision=spec.revision)
+        scheduler = build_scheduler(config, spec.scheduler_class, spec.scheduler_kwargs)
+        set_schedule(scheduler, spec)
+        start = img2img_start(spec.steps, spec.strength, scheduler.order) if spec.init_image else 0
+        return len(scheduler.timesteps) - start
+    except Exception:  # e.g. a flow model whose schedule needs the image size (mu): one per step
+        return spec.steps
+
+
 def rates(history, spec) -> tuple[float | None, float, float]:
-    """(seconds per image per step, per image outside the loop, per model load) from rows like this spec's."""
+    """(seconds per image per model evaluation, per image outside the loop, per model load) from rows like this
+    spec's."""
     if history is None:
         return None, 0.0, 0.0
     same = history[(history["model"] == spec.model) & (history["device"] == spec.device) & (history["dtype"] == spec.dtype)]
@@ -140,9 +165,10 @@ def rates(history, spec) -> tuple[float | None, float, float]:
         same = same[~same["time_includes_warmup"].astype(bool)]  # first calls after a load are not typical
     images_in_job = same["images_per_s"] * same["time_total_s"]
     denoise = same["time_denoise_s"] if "time_denoise_s" in same else same["time_total_s"] - same["time_load_s"]
-    per_step = (denoise / images_in_job / same["steps"]).median()
+    evaluations = same["nfe"].fillna(same["steps"]) if "nfe" in same else same["steps"]  # older rows: per step
+    per_eval = (denoise / images_in_job / evaluations).median()
     per_image = ((same["time_total_s"] - same["time_load_s"] - denoise) / images_in_job).median()  # encode, decode, save
-    return float(per_step), float(per_image), float(loads.median()) if len(loads) else 0.0
+    return float(per_eval), float(per_image), float(loads.median()) if len(loads) else 0.0
 
 
 def single_run_report(cfg: DictConfig, overrides: list[str]) -> tuple[str, int]:

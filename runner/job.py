@@ -28,9 +28,21 @@ from runner.sweepdir import FIRST_JOB_ENV
 log = logging.getLogger("runner")
 
 
-def run(cfg: DictConfig) -> str:
+def run(cfg: DictConfig) -> str | tuple[float, ...]:
     """Returns "ok" or "failed"; a single run exits non-zero when it fails. Whatever goes wrong inside a sweep's
-    point becomes that point's failed row, so the sweep's table, grid and summary are still written."""
+    point becomes that point's failed row, so the sweep's table, grid and summary are still written. With
+    `optimize: [column, ...]` (a search, experiments/nfe_search.yaml) it returns the job's objectives instead, for
+    the sweeper: one number per column (runner.objectives), NaN where the job failed."""
+    status = run_or_refuse(cfg)
+    goals = cfg.get("optimize")
+    if goals:
+        from runner.objectives import objectives, read_rows
+
+        return objectives(read_rows(Path(HydraConfig.get().runtime.output_dir)), goals)
+    return status
+
+
+def run_or_refuse(cfg: DictConfig) -> str:
     from runner.exits import exit_in_disguise
     from runner.launch import pin_worker_gpu
 
@@ -81,6 +93,10 @@ def run_point(cfg: DictConfig, hydra_cfg, job_dir: Path, multirun: bool) -> str:
 
     try:
         spec = make_spec(cfg)
+        if cfg.get("optimize"):
+            from runner.objectives import check_objectives
+
+            check_objectives(cfg.optimize)
     except ConfigError as err:
         return refuse(cfg, hydra_cfg, job_dir, multirun, str(err))
     except Exception as err:  # a file the check reads in a way nobody foresaw: still a refusal, not a crash
@@ -178,7 +194,8 @@ def config_columns(cfg: DictConfig) -> dict:
     c = OmegaConf.to_container(cfg, resolve=True)
     seed, prompt = c.get("seed"), c.get("prompt")
     columns = dict(model=c["model"].get("name"), scheduler=c["scheduler"].get("name"),
-                   precision=c["precision"].get("name"), steps=c.get("steps"), guidance=c.get("guidance"),
+                   schedule=(c.get("schedule") or {}).get("name"), precision=c["precision"].get("name"),
+                   steps=c.get("steps"), guidance=c.get("guidance"),
                    seed=seed if not isinstance(seed, list) else None,
                    prompt=prompt if isinstance(prompt, str) else json.dumps(prompt),
                    negative_prompt=c.get("negative_prompt"), height=c.get("height"), width=c.get("width"),

@@ -15,7 +15,8 @@ from omegaconf import DictConfig, OmegaConf
 from runner import families
 from runner.checks import ConfigError, as_int, as_list, as_number, fail
 from runner.metrics import METRICS
-from runner.schedulers import ALLOWED_SCHEDULERS
+from runner.precision import DTYPES as TORCH_DTYPES
+from runner.schedulers import ALLOWED_SCHEDULERS, K_BACKEND, check_k_backend, check_schedule, check_single_step
 
 MAX_SEED = 2**63 - 1
 MAX_STEPS = 10_000  # far beyond any sampler's use (1000 training timesteps), far below an overflow
@@ -29,7 +30,7 @@ MAX_GUIDANCE = 100.0
 MAX_ETA = 1.0  # DDIM's eta: 0 deterministic, 1 DDPM-like; above 1 its noise term asks for a negative variance
 MAX_SHIFT = 100.0
 DEVICES = "auto | cpu | cuda | cuda:N"
-DTYPES = ("auto", "fp32", "fp16", "bf16")
+DTYPES = ("auto", *TORCH_DTYPES)  # precision.dtype: auto, or a name runner.precision maps to torch
 
 
 # The only classes a config may name with `_target_` (Hydra instantiates hydra.callbacks itself).
@@ -73,6 +74,7 @@ class ModelInfo:
     index_path: str
     pipeline_config: dict  # model_index.json's settings beside its components (force_zeros_for_empty_prompt ...)
     scheduler_config: dict  # the model's scheduler_config.json
+    facts: dict  # Family.facts: what the family's checks need from the component configs
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,13 @@ class Spec:
     precision_options: dict = field(default_factory=dict)  # runner.precision: tf32, channels_last, compile ...
     family_options: dict = field(default_factory=dict)  # the family's own config node (Family.options_key)
     pipeline_config: dict = field(default_factory=dict)  # model_index.json's settings beside its components
+    schedule: str = "default"  # the spacing axis (conf/schedule); karras/exponential/beta are in scheduler_kwargs
+    schedule_timesteps: tuple | None = None  # custom timesteps for set_timesteps (runner.sampling.set_schedule)
+    schedule_sigmas: tuple | None = None  # custom sigmas, ending with the final one
+    model_facts: dict = field(default_factory=dict)  # Family.facts (e.g. guidance_embedded)
+    scheduler_backend: str = "diffusers"  # or k-diffusion (runner.ksampling)
+    k_sampler: dict = field(default_factory=dict)  # k-diffusion: sampler, noise_sampler, quantize
+    shift: float | None = None  # a flow model's static shift as swept (null: the model's own); in scheduler_kwargs
 
 
 def resolve_device(device: str) -> str:
@@ -186,6 +195,7 @@ def read_model_info(name_or_path: str, revision: str | None, vae: str | None) ->
 
     try:
         multiple, default_size = family.size_rule(read_config)
+        facts = family.facts(read_config)
     except (KeyError, TypeError, ValueError, IndexError) as err:
         fail(key, name_or_path, f"its component configs lack what {family.pipeline} needs to size an image "
              f"({type(err).__name__}: {err}); save the model again with save_pretrained()")
@@ -195,7 +205,7 @@ def read_model_info(name_or_path: str, revision: str | None, vae: str | None) ->
     except Exception:
         fail(key, name_or_path, "it has no readable scheduler/scheduler_config.json; save the model with save_pretrained()")
     return ModelInfo(family, multiple, default_size, _hub_commit(index_path) or _local_fingerprint(name_or_path),
-                     index_path, pipeline_config, scheduler_config)
+                     index_path, pipeline_config, scheduler_config, facts)
 
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -346,6 +356,16 @@ def make_spec(cfg: DictConfig, model_files: dict | None = None) -> Spec:
 
     family = info.family
     kwargs = scheduler_kwargs(sched["name"], class_name, kwargs, family, info.scheduler_config, c.get("shift"))
+    schedule = c.get("schedule") or {"name": "default"}  # configs saved before the axis existed
+    backend = sched.get("backend", "diffusers")
+    if backend not in ("diffusers", K_BACKEND):
+        fail("scheduler.backend", backend, f"diffusers or {K_BACKEND}")
+    k_sampler = check_k_backend(sched, kwargs, family, info.scheduler_config) if backend == K_BACKEND else {}
+    kwargs, schedule_timesteps, schedule_sigmas = check_schedule(
+        schedule, sched["name"], class_name, kwargs, family, info.scheduler_config, steps, backend)
+    if steps == 1 and not family.flow and backend == "diffusers":
+        check_single_step(sched["name"], class_name, kwargs, info.scheduler_config, schedule_timesteps,
+                          schedule_sigmas)
     if not family.conditional:  # no text encoder: prompts would only duplicate images and mislabel rows
         prompts, negative_prompt = [""], ""
     metric, clip_model = model.get("metric"), model.get("clip_model")
@@ -366,7 +386,9 @@ def make_spec(cfg: DictConfig, model_files: dict | None = None) -> Spec:
         progress=bool(sampling["progress"]), init_image=init_image, strength=strength,
         precision_options=check_options(prec, device, family), metric=metric, clip_model=clip_model,
         family_options=dict(c.get(family.options_key) or {}) if family.options_key else {},
-        pipeline_config=info.pipeline_config,
+        pipeline_config=info.pipeline_config, schedule=schedule["name"], schedule_timesteps=schedule_timesteps,
+        schedule_sigmas=schedule_sigmas, model_facts=info.facts, scheduler_backend=backend, k_sampler=k_sampler,
+        shift=None if c.get("shift") is None else float(c["shift"]),
     )
     family.check(spec)
     return spec

@@ -54,6 +54,18 @@ def run_job_in(tmp_path, *overrides):
     return draw(make_spec(cfg), Path(tmp_path), standalone(cfg, tmp_path, " ".join(overrides)))
 
 
+def assert_same_image(ours: np.ndarray, theirs: np.ndarray):
+    """The parity bound: uint8 images equal within 1/255 per pixel."""
+    assert ours.shape == theirs.shape
+    diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
+    assert diff <= 1, f"max pixel difference {diff}/255"
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """A pipeline's `output_type="np"` images ([0, 1] floats) as the uint8 the PNGs hold."""
+    return (images * 255).round().astype("uint8")
+
+
 def read_png(path) -> np.ndarray:
     from PIL import Image
 
@@ -79,7 +91,8 @@ def small_sweep(tmp_path_factory) -> Path:
 def fake_sweep(sweep: Path, schedulers=("ddim", "euler"), steps=(2, 4), seeds=(0, 1)) -> Path:
     """A sweep dir as a sweep leaves it, without a model: one job dir per scheduler and steps, each with a small
     PNG per seed (fewer steps, further from the seed's picture) and its rows.parquet. No results table."""
-    from runner.record import ROWS_FILE, save_image, write_table
+    from runner.jobdir import ROWS_FILE
+    from runner.record import save_image, write_table
 
     for job_num, (scheduler, n_steps) in enumerate((s, n) for s in schedulers for n in steps):
         job_dir = sweep / str(job_num)

@@ -14,7 +14,11 @@ def options(group):
 
 def test_every_group_has_its_options():
     assert options("scheduler") == sorted(["default", "ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "heun",
-                                           "dpmpp_2m", "dpmpp_2m_karras", "unipc"])
+                                           "dpmpp_2m", "dpmpp_2m_karras", "unipc", "flow_dpmpp_2m", "flow_euler",
+                                           "flow_euler_sde", "flow_heun", "flow_unipc", "lcm", "tcd", "k_euler",
+                                           "k_euler_a", "k_heun", "k_dpm_2", "k_lms", "k_dpmpp_2m", "k_dpmpp_sde",
+                                           "k_dpmpp_2m_sde", "k_dpmpp_3m_sde"])
+    assert options("schedule") == ["ays", "beta", "default", "exponential", "karras", "polyexponential"]
     assert options("precision") == ["auto", "bf16", "fp16", "fp32"]
     assert {"tiny-sd", "tiny-ddpm", "ddpm-cat-256", "sd-v1-4", "sd-v1-5", "sd-2-1"} <= set(options("model"))
     assert options("sampling") == ["default"]
@@ -23,6 +27,7 @@ def test_every_group_has_its_options():
 def test_defaults():
     cfg = compose_config()
     assert (cfg.model.name, cfg.scheduler.name, cfg.precision.name) == ("digits-sd", "default", "auto")
+    assert (cfg.schedule.name, cfg.schedule.timesteps, cfg.schedule.sigmas) == ("default", None, None)
     assert cfg.model.metric == "digits" and cfg.prompt == "a handwritten digit seven"
     assert cfg.negative_prompt == "" and cfg.seed == 0 and cfg.device == "auto"
 
@@ -31,14 +36,15 @@ def test_defaults():
 def test_scheduler_options_build_their_class_from_the_model_config(option):
     import diffusers
 
-    spec = make_spec(compose_config(f"scheduler={option}"))
+    flow = option.startswith("flow_")  # flow-matching options, on a flow model
+    spec = make_spec(compose_config(f"scheduler={option}", *(["model=tiny-sd3"] if flow else [])))
     model_config = diffusers.DDPMScheduler.load_config(spec.name_or_path, subfolder="scheduler")
     scheduler = build_scheduler(model_config, spec.scheduler_class, spec.scheduler_kwargs)
     expected = compose_config(f"scheduler={option}").scheduler.class_name or model_config["_class_name"]
     assert type(scheduler).__name__ == expected
-    # betas and prediction type carry over from the model
-    assert scheduler.config.beta_schedule == model_config["beta_schedule"]
-    assert scheduler.config.prediction_type == model_config.get("prediction_type", "epsilon")
+    if not flow:  # betas and prediction type carry over from the model
+        assert scheduler.config.beta_schedule == model_config["beta_schedule"]
+        assert scheduler.config.prediction_type == model_config.get("prediction_type", "epsilon")
     assert spec.scheduler == option  # the option name, as typed
 
 
@@ -120,7 +126,7 @@ def test_directory_without_model_index_and_unsupported_family(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline", '
                                                '"unet": ["diffusers", "UNet2DConditionModel"], '
                                                '"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}')
-    with pytest.raises(ConfigError, match="not a supported family; supported: unconditional .* text-to-image"):
+    with pytest.raises(ConfigError, match="not a supported family; supported: unconditional .* stable-diffusion .* sdxl .* sd3 .* flux"):
         make_spec(compose_config(f"model.name_or_path={tmp_path}"))
 
 

@@ -22,6 +22,8 @@ from runner.families import flux, sd3
 from runner.sampling import Tally
 from runner.checks import ConfigError
 
+from conftest import assert_same_image
+
 STEPS = 5
 PROMPT, NEGATIVE, SEED = "a red cube on a table", "blurry", 11
 # option → (class, kwargs), as conf/scheduler/flow_*.yaml mean them
@@ -93,12 +95,6 @@ def theirs(pipe, option, seed, **call):
         images = pipe(PROMPT, height=64, width=64, num_inference_steps=STEPS, generator=generator, output_type="np",
                       **call).images
     return (images * 255).round().astype("uint8")
-
-
-def assert_same_image(ours_image, theirs_image):
-    assert ours_image.shape == theirs_image.shape
-    diff = np.abs(ours_image.astype(int) - theirs_image.astype(int)).max()
-    assert diff <= 1, f"max pixel difference {diff}/255"
 
 
 def without_t5(src: Path, dst: Path) -> Path:

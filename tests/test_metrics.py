@@ -9,7 +9,7 @@ import pytest
 from conftest import read_png, run_job_in
 from runner import embedded_model_path
 from runner.digits import score_digits
-from runner.spec import ConfigError
+from runner.checks import ConfigError
 
 COLUMNS = ("prompt_adherence", "class_confidence", "predicted_digit", "clip_score")
 

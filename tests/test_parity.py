@@ -10,21 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_config, read_png, run_job_in, scheduler_for
+from conftest import assert_same_image, compose_config, read_png, run_job_in, scheduler_for, to_uint8
 from runner import embedded_model_path
 
 SCHEDULERS = ["default", "ddpm", "ddim", "pndm", "lms", "euler", "euler_a", "heun", "dpmpp_2m", "dpmpp_2m_karras", "unipc"]
 STEPS = 8
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    return (images * 255).round().astype("uint8")
-
-
-def assert_same_image(ours: np.ndarray, theirs: np.ndarray):
-    assert ours.shape == theirs.shape
-    diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
-    assert diff <= 1, f"max pixel difference {diff}/255"
 
 
 @pytest.fixture(scope="module")

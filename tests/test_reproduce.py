@@ -1,9 +1,11 @@
+import os
 import shutil
 import subprocess
 import sys
 
 import numpy as np
 import pandas as pd
+import pytest
 from omegaconf import OmegaConf
 from PIL import Image
 
@@ -56,11 +58,14 @@ def test_reproduce_bad_path(tmp_path):
     assert result.stderr.strip() == f"error: path={str(tmp_path / 'missing')!r} is not allowed: a job dir or a sweep dir"
 
 
-def test_plain_hydra_reruns_a_saved_job_config(small_sweep, tmp_path):
+@pytest.mark.parametrize("path_form", ["absolute", "relative"])
+def test_plain_hydra_reruns_a_saved_job_config(small_sweep, tmp_path, path_form):
     job = small_sweep / "1"
     saved = OmegaConf.load(job / ".hydra" / "config.yaml")
     assert saved.hydra.callbacks.sweep_results._target_ == "runner.callbacks.SweepResults"
-    result = run_cli("--config-path", str(job / ".hydra"), "--config-name", "config", cwd=tmp_path)
+    # as the README shows it: a path relative to where the user stands
+    config_path = str(job / ".hydra") if path_form == "absolute" else os.path.relpath(job / ".hydra", tmp_path)
+    result = run_cli("--config-path", config_path, "--config-name", "config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     (new_job,) = (tmp_path / "results" / "runs").iterdir()  # our run dir, not Hydra's default outputs/
     new_rows, old_rows = pd.read_parquet(new_job / "rows.parquet"), pd.read_parquet(job / "rows.parquet")

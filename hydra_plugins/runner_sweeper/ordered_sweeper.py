@@ -61,13 +61,33 @@ def load_rank(override) -> int:
 
 
 class ModelOrderedSweeper(BasicSweeper):
+    """With `search` (a sweeper's config node, e.g. experiments/nfe_search.yaml; Hydra instantiates it with this
+    sweeper), it hands the whole sweep to that sweeper. (An experiment cannot pick `hydra/sweeper` itself: Hydra keeps
+    the first override of a group, and conf/config.yaml's `override hydra/sweeper: ordered` comes first.)"""
+
+    def __init__(self, max_batch_size=None, params=None, search=None):
+        super().__init__(max_batch_size=max_batch_size, params=params)
+        self.search = search
+
+    def setup(self, *, hydra_context, task_function, config):
+        super().setup(hydra_context=hydra_context, task_function=task_function, config=config)
+        if self.search is not None:
+            self.search.setup(hydra_context=hydra_context, task_function=task_function, config=config)
+
     @staticmethod
     def split_arguments(overrides, max_batch_size):
         # itertools.product varies its first list slowest; sorted() is stable, so other keys keep their order.
         return BasicSweeper.split_arguments(sorted(overrides, key=load_rank), max_batch_size)
 
     def sweep(self, arguments):
-        if not self.config.get("dry_run", False):
+        dry_run = self.config.get("dry_run", False)
+        if self.search is not None and not dry_run:
+            return self.search.sweep(arguments)
+        if self.search is not None:
+            trials = self.config.hydra.sweeper.search.get("n_trials")
+            print(f"dry run: a search of {trials} trial(s); it picks each trial's values as it runs, so none are listed")
+            return []
+        if not dry_run:
             return self.launch_all(arguments)
         parser = OverridesParser.create(config_loader=self.hydra_context.config_loader)
         overrides = parser.parse_overrides(self._parse_config() + list(arguments))

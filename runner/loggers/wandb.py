@@ -145,7 +145,7 @@ def scrub(text: str) -> str:
 
 def _settings(wandb, timeout_s: float):
     # No system metrics sampler, git/code capture or console mirroring: light, and nothing private leaves the job.
-    # No pip freeze either: reading every installed package's metadata was 90% of an init (0.1 s a job on CPU);
+    # No pip freeze either: reading every installed package's metadata was most of an init (README, W&B);
     # the versions that matter go into the run's config as env.* (ENV_CONFIG_COLUMNS).
     return wandb.Settings(init_timeout=timeout_s, x_disable_meta=True, x_disable_stats=True, disable_git=True,
                           disable_code=True, save_code=False, console="off", silent=True, x_save_requirements=False)
@@ -209,12 +209,16 @@ def write_job_run(options: dict, config: dict, rows: list[dict], schedule: list[
     run.define_metric("schedule/step")
     run.define_metric("schedule/*", step_metric="schedule/step")
     for point in schedule:
-        run.log({"schedule/step": point["step"], "schedule/sigma": point["sigma"], "schedule/timestep": point["timestep"]})
+        record = {"schedule/step": point["step"], "schedule/sigma": point["sigma"], "schedule/timestep": point["timestep"]}
+        if point.get("log_snr") is not None:  # VP and flow schedules on one axis (-inf: pure noise)
+            record["schedule/log_snr"] = point["log_snr"]
+        run.log(record)
     ok = [r for r in rows if r["status"] == "ok"]
     # wandb.Image from the PNG we already wrote: no second encode on the hot path
     images = [wandb.Image(str(job_dir / r["image_path"]), caption=caption(r)) for r in ok]
-    payload = {"schedule_table": wandb.Table(columns=["step", "timestep", "sigma"],
-                                             data=[[p["step"], p["timestep"], p["sigma"]] for p in schedule]),
+    payload = {"schedule_table": wandb.Table(columns=["step", "timestep", "sigma", "log_snr"],
+                                             data=[[p["step"], p["timestep"], p["sigma"], p.get("log_snr")]
+                                                   for p in schedule]),
                "rows": rows_table(wandb, rows)}
     if images:
         payload["images"] = images
