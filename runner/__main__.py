@@ -96,6 +96,8 @@ hydra_utils.run_and_report = _one_line_errors(hydra_utils.run_and_report)
 
 def warn_unknown_top_level_keys(argv: list[str]) -> None:
     """`+guidence=3` adds a key the runner never reads (a typo would go unnoticed): say so, once per command."""
+    import difflib
+
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     try:
@@ -112,8 +114,6 @@ def warn_unknown_top_level_keys(argv: list[str]) -> None:
     for override in overrides:
         key = override.key_or_group
         if override.is_add() and "." not in key and "/" not in key and key not in known:
-            import difflib
-
             close = difflib.get_close_matches(key, sorted(known), n=1)
             hint = f" (did you mean {close[0]}?)" if close else ""
             print(f"warning: +{key} is not a key the runner reads; it is only recorded in the config{hint}",
@@ -165,6 +165,6 @@ if __name__ == "__main__":
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
-        # Not sys.exit: tearing down torch, diffusers and transformers took 3-5 s here, and there is nothing left to
+        # Not sys.exit: tearing down torch, diffusers and transformers takes seconds, and there is nothing left to
         # save (the lock goes with the process, a W&B logger process finishes the runs it holds on its own)
         os._exit(130)

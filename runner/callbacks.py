@@ -9,7 +9,7 @@ from pathlib import Path
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from runner.context import SWEEP_SIZE_ENV, SWEPT_KEYS_ENV
+from runner.context import SWEEP_SIZE_ENV, SWEPT_KEYS_ENV, as_typed
 
 log = logging.getLogger("runner")
 ORDERED_SWEEPER = "hydra_plugins.runner_sweeper.ordered_sweeper.ModelOrderedSweeper"
@@ -57,8 +57,8 @@ class SweepResults(Callback):
         note_run(Path(config.hydra.run.dir))
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        overrides = list(config.hydra.overrides.task)
-        overrides += [f"{k}={v}" for k, v in (config.hydra.sweeper.get("params") or {}).items()]
+        overrides = as_typed(config.hydra.overrides.task)
+        overrides += [f"{k}={v}" for k, v in (as_typed(config.hydra.sweeper.get("params")) or {}).items()]
         search = config.hydra.sweeper.get("search")
         if search:  # a search (experiments/nfe_search.yaml): its trials, and the keys it varies
             os.environ[SWEEP_SIZE_ENV] = str(search.get("n_trials", "?"))
@@ -114,15 +114,13 @@ class SweepResults(Callback):
                 pass
 
     def on_multirun_end(self, config: DictConfig, **kwargs) -> None:
+        from runner import sweepdir
         from runner.loggers import wandb
 
         if config.get("dry_run"):  # nothing ran: no table, and the sweep dir as it was
             self.undo_dry_run(Path(config.hydra.sweep.dir))
             return
-
         # Hydra turns a callback's exception into a warning: a sweep whose table could not be written must still fail.
-        from runner import sweepdir
-
         try:
             wandb.wait_background()  # the jobs' W&B runs, written beside the sampling
             self.write_sweep_results(config)
@@ -134,12 +132,10 @@ class SweepResults(Callback):
             sweepdir.unlock()
 
     def write_sweep_results(self, config: DictConfig) -> None:
-        from runner import results
+        from runner import results, sweepdir
         from runner.columns import CONVERGENCE_COLUMNS
         from runner.convergence import add_convergence
         from runner.record import write_table
-
-        from runner import sweepdir
 
         sweep_dir = Path(config.hydra.sweep.dir)
         if not sweep_dir.exists():

@@ -24,6 +24,16 @@ SECRET_YAML_LINE = re.compile(r"^(?P<key>\s*-?\s*[\w.-]*" + SECRET_PATTERN.patte
                               re.IGNORECASE | re.MULTILINE)
 
 
+def as_typed(node) -> list | dict:
+    """Overrides (hydra.overrides.task) or sweeper params as typed: a `${oc.env:X}` inside one is text here, not
+    something to resolve (reading them through OmegaConf would resolve it, and fail for an unset X)."""
+    from omegaconf import OmegaConf
+
+    if node is None:
+        return []
+    return OmegaConf.to_container(node, resolve=False) if OmegaConf.is_config(node) else node
+
+
 def is_secret(key) -> bool:
     return bool(SECRET_PATTERN.search(str(key)))
 
@@ -79,7 +89,7 @@ def standalone(cfg, job_dir: Path, overrides: str = "") -> JobContext:
 
 def from_hydra(cfg, hydra_cfg, multirun: bool) -> JobContext:
     """The context of the job Hydra is running now."""
-    overrides = [redact_text(o) for o in hydra_cfg.overrides.task]
+    overrides = [redact_text(o) for o in as_typed(hydra_cfg.overrides.task)]
     return JobContext(
         job_dir=str(Path(hydra_cfg.runtime.output_dir).resolve()),
         sweep_dir=str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else "",
@@ -95,7 +105,7 @@ def from_hydra(cfg, hydra_cfg, multirun: bool) -> JobContext:
 
 def unresolved(hydra_cfg, multirun: bool) -> JobContext:
     """The context of a job whose config does not resolve: where it ran and as what, without config or hash."""
-    overrides = [redact_text(o) for o in hydra_cfg.overrides.task]
+    overrides = [redact_text(o) for o in as_typed(hydra_cfg.overrides.task)]
     return JobContext(job_dir=str(Path(hydra_cfg.runtime.output_dir).resolve()),
                       sweep_dir=str(Path(hydra_cfg.sweep.dir).resolve()) if multirun else "",
                       job_num=hydra_cfg.job.num if multirun else 0, overrides=" ".join(overrides),

@@ -17,7 +17,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 def report_lines(jobs, configs, history_path, summary: dict):
     """The table's lines, one per job as its config comes, then the totals. `summary` gets "jobs" and "refused"."""
-    from runner.checks import ConfigError
     from runner.spec import make_spec
 
     history = past_rows(history_path)
@@ -28,11 +27,9 @@ def report_lines(jobs, configs, history_path, summary: dict):
     for num, (overrides, cfg) in enumerate(zip(jobs, configs)):
         try:
             spec = make_spec(without_hydra(cfg), model_files)
-        except Exception as err:  # as a run would refuse it (runner.job): a line, and the next point
+        except Exception as err:  # as a run would refuse it: a line, and the next point
             refused += 1
-            message = err if isinstance(err, ConfigError) else \
-                f"the config could not be checked ({type(err).__name__}: {err})"
-            yield f"{num:>3}  {'-':>6}  {'-':>5}  {'-':>8}  {shown_overrides(overrides)}  error: {message}"
+            yield f"{num:>3}  {'-':>6}  {'-':>5}  {'-':>8}  {shown_overrides(overrides)}  error: {refusal(cfg, err)}"
             continue
         images = len(spec.prompts) * len(spec.seeds)
         rate_key = (spec.model, spec.device, spec.dtype)
@@ -57,6 +54,20 @@ def report_lines(jobs, configs, history_path, summary: dict):
     else:
         note = f" ({unknown} job(s) with no earlier results of their model/device/dtype not counted)" if unknown else ""
         yield f"total: {total_images} image(s), about {total_s:.1f} s{note}"
+
+
+def refusal(cfg: DictConfig, err: Exception) -> str:
+    """What a run says when it refuses this config (runner.job)."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    from runner.checks import ConfigError
+    from runner.job import unresolved_message
+
+    if isinstance(err, ConfigError):
+        return str(err)
+    if isinstance(err, OmegaConfBaseException):
+        return unresolved_message(cfg, err)
+    return f"the config could not be checked ({type(err).__name__}: {err})"
 
 
 def report(jobs: list[list[str]], configs: list[DictConfig], history_path) -> tuple[str, int]:

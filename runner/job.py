@@ -59,10 +59,7 @@ def run_or_refuse(cfg: DictConfig) -> str:
         from omegaconf.errors import OmegaConfBaseException
 
         if isinstance(err, OmegaConfBaseException):  # e.g. an interpolation that does not resolve: bad input
-            key, typed = unresolvable(cfg)
-            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-            return refuse(cfg, hydra_cfg, job_dir, multirun, f"{key}={typed!r} is not allowed: it does not resolve "
-                          f"({reason})")
+            return refuse(cfg, hydra_cfg, job_dir, multirun, unresolved_message(cfg, err))
         return point_failed(cfg, hydra_cfg, job_dir, multirun, err)
 
 
@@ -77,7 +74,7 @@ def run_point(cfg: DictConfig, hydra_cfg, job_dir: Path, multirun: bool) -> str:
     if cfg.dry_run:
         from runner.dry_run import print_report, single_run_report
 
-        text, refused = single_run_report(cfg, list(hydra_cfg.overrides.task))
+        text, refused = single_run_report(cfg, job_context.as_typed(hydra_cfg.overrides.task))
         print_report(text, refused, 1)
         discard_job_dir(job_dir)
         if refused and not multirun:
@@ -125,9 +122,16 @@ def refuse(cfg: DictConfig, hydra_cfg, job_dir: Path, multirun: bool, message: s
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
     log.error(f"error: {message}")
-    write_table(job_dir / ROWS_FILE, [dict(failure_columns(cfg, hydra_cfg, multirun), image_path="",
-                                           image_sha256="", status="failed", error=message)])
+    write_failed_row(cfg, hydra_cfg, job_dir, message)
     return "failed"
+
+
+def write_failed_row(cfg: DictConfig, hydra_cfg, job_dir: Path, message: str) -> None:
+    try:
+        write_table(job_dir / ROWS_FILE, [dict(failure_columns(cfg, hydra_cfg, True), image_path="",
+                                               image_sha256="", status="failed", error=message)])
+    except OSError as err:  # e.g. a full disk: the point is missing from the table, and a resume runs it
+        log.error(f"  could not write {job_dir / ROWS_FILE}: {err}")
 
 
 def point_failed(cfg: DictConfig, hydra_cfg, job_dir: Path, multirun: bool, err: Exception) -> str:
@@ -146,11 +150,7 @@ def point_failed(cfg: DictConfig, hydra_cfg, job_dir: Path, multirun: bool, err:
         print(f"error: {message} (details in {job_dir / ERROR_FILE})", file=sys.stderr)
         sys.exit(1)
     log.error(f"  failed: {message}")
-    try:
-        write_table(job_dir / ROWS_FILE, [dict(failure_columns(cfg, hydra_cfg, multirun), image_path="",
-                                               image_sha256="", status="failed", error=message)])
-    except OSError as write_err:
-        log.error(f"  could not write {job_dir / ROWS_FILE}: {write_err}")
+    write_failed_row(cfg, hydra_cfg, job_dir, message)
     return "failed"
 
 
@@ -164,6 +164,13 @@ def failure_columns(cfg: DictConfig, hydra_cfg, multirun: bool) -> dict:
         return dict(config_columns(cfg), **context)
     except Exception:
         return context
+
+
+def unresolved_message(cfg: DictConfig, err: Exception) -> str:
+    """The refusal of a config that does not resolve: which key, as written, and why."""
+    key, typed = unresolvable(cfg)
+    reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+    return f"{key}={typed!r} is not allowed: it does not resolve ({reason})"
 
 
 def unresolvable(cfg: DictConfig, path: str = "") -> tuple[str, object]:

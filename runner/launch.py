@@ -4,8 +4,7 @@
   for its whole life (CUDA_VISIBLE_DEVICES, set before torch initialises CUDA in it), so the model it loaded stays
   cached for its next jobs. A worker claims the first free GPU by holding an exclusive lock on that GPU's lock
   file; the OS drops the lock when the worker exits, so a replaced worker takes the freed GPU. A worker exits when
-  the sweep's process is gone (killed with SIGKILL, its workers lived on for minutes, drawing, each holding its
-  GPU and 550 MB).
+  the sweep's process is gone (killed with SIGKILL, its workers lived on, drawing, each holding its GPU).
 """
 
 import hashlib

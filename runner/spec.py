@@ -22,7 +22,7 @@ MAX_SEED = 2**63 - 1
 MAX_STEPS = 10_000  # far beyond any sampler's use (1000 training timesteps), far below an overflow
 MAX_SIDE = 16_384  # pixels per side; the area has its own budget (MAX_PIXELS)
 # Pixels per image: 4096x4096 (SD at 512x512 is 1/64 of it). Larger sizes were refused only by the allocator, after
-# the model loaded (100000x100000 asked for 10 GB of latents, and attention grows with the square of the pixels).
+# the model loaded; attention memory grows with the square of the pixels.
 MAX_PIXELS = 4096 * 4096
 # Beyond these the loop's numbers overflow to NaN (guidance=1e30 drew all-NaN latents and a black PNG recorded as
 # ok); the bounds sit far above any useful setting.

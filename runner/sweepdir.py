@@ -53,8 +53,10 @@ def recorded_sweeps(sweep_dir: Path) -> list[dict] | None:
     if not multirun.is_file():
         return None
     saved = OmegaConf.load(multirun)
-    overrides = list(OmegaConf.select(saved, "hydra.overrides.task", default=[]) or [])
-    params = OmegaConf.select(saved, "hydra.sweeper.params", default=None) or {}
+    from runner.context import as_typed
+
+    overrides = list(as_typed(OmegaConf.select(saved, "hydra.overrides.task", default=None)) or [])
+    params = as_typed(OmegaConf.select(saved, "hydra.sweeper.params", default=None)) or {}
     overrides += [f"{k}={v}" for k, v in params.items()]
     try:
         jobs = job_count(overrides)

@@ -176,6 +176,8 @@ def test_an_exception_outside_the_drawing_fails_only_its_point(tmp_path):
     result = run_cli("-m", "model=tiny-sd", "steps=2", "seed=0,1,${oc.env:RUNNER_NO_SUCH_VARIABLE}",
                      f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"RUNNER_FAULT": "1:crash"})
     assert result.returncode == 1 and "Traceback" not in result.stdout + result.stderr
+    assert "raised" not in result.stderr  # no callback stumbled on the unresolvable override (Hydra warns then)
+    assert (sweep / "sweep.json").is_file()
     table = pd.read_parquet(sweep / "results.parquet").sort_values("job_num")
     assert list(table.status) == ["ok", "failed", "failed"]
     assert table.error.iloc[1] == "RuntimeError: crash injected by RUNNER_FAULT"
@@ -493,7 +495,7 @@ def test_a_resumed_sweep_writes_the_wandb_runs_it_never_wrote(tmp_path):
     from wandb_records import read_run
 
     sweep = tmp_path / "sweep"
-    args = ("-m", "model=tiny-sd", "steps=1", "guidance=3,5", f"hydra.sweep.dir={sweep}")
+    args = ("-m", "model=tiny-sd", "steps=2", "guidance=3,5", f"hydra.sweep.dir={sweep}")
     # the first run wrote its rows but no W&B run (as a sweep whose logger process was killed with it)
     assert run_cli(*args, "wandb.mode=disabled", cwd=tmp_path).returncode == 0
     assert not offline_runs(sweep)
@@ -521,7 +523,7 @@ def test_a_full_disk_is_one_wandb_warning_and_leaves_no_half_written_run(tmp_pat
         pytest.skip("tmpfs mount refused here")
     try:
         sweep = disk / "sweep"
-        result = run_cli("-m", "model=tiny-sd", "steps=1", "guidance=1,2,3,4,5,6", "wandb.mode=offline",
+        result = run_cli("-m", "model=tiny-sd", "steps=2", "guidance=1,2,3,4,5,6", "wandb.mode=offline",
                          "sampling.progress=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"WANDB_MODE": None})
         output = result.stdout + result.stderr
         assert "Traceback" not in output and "Logging error" not in output

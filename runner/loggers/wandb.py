@@ -276,7 +276,7 @@ def drop_wandb_log_files() -> None:
 @contextlib.contextmanager
 def logging_errors_quiet():
     """W&B writes its own debug logs beside the runs; on a full disk each of its log records printed a 'Logging
-    error' traceback (63 in one sweep). Its failure is reported once, by us."""
+    error' traceback. Its failure is reported once, by us."""
     previous = logging.raiseExceptions
     logging.raiseExceptions = False
     try:
