@@ -257,7 +257,7 @@ def test_search_finishes_with_a_pareto_set_non_dominated_among_its_trials(tmp_pa
 
     sweep = tmp_path / "search"
     result = run_cli("-m", "experiment=nfe_search", "hydra.sweeper.search.n_trials=6", "hydra.sweeper.search.n_jobs=3",
-                     "hydra.sweeper.search.sampler.population_size=3", "hydra.sweeper.search.params.steps='int(interval(1, 6))'",
+                     "hydra.sweeper.search.sampler.population_size=3", "hydra.sweeper.search.params.steps='int(interval(2, 6))'",
                      "seed=[0,1]", "prompt=[a handwritten digit three,a handwritten digit seven]",
                      "sampling.progress=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]

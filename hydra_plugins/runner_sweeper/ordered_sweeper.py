@@ -105,7 +105,7 @@ class ModelOrderedSweeper(BasicSweeper):
         job's plain values (steps=20, seed=3) are set on it by the function Hydra's composition ends with, then
         put back as they were for the next job."""
         from hydra._internal.config_loader_impl import ConfigLoaderImpl
-        from omegaconf import OmegaConf, open_dict
+        from omegaconf import open_dict
 
         loader = self.hydra_context.config_loader
         parser = OverridesParser.create(config_loader=loader)
