@@ -314,24 +314,14 @@ def train_sd(out_dir: Path, vae_steps: int, unet_steps: int, gen: torch.Generato
           f"std {float(latents.std()):.3f} -> scaling_factor {scaling_factor}", flush=True)
 
     # 2. the UNet and the text encoder, together, on the frozen VAE's latents
-    def ids(prompts):
-        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-
-    word_ids, numeral_ids = ids([digit_prompt(d) for d in range(10)]), ids([digit_prompt(d, True) for d in range(10)])
-    empty_ids = ids([""])[0]
-    labels = torch.from_numpy(train_y)
+    prompts = PromptIds(tokenizer, torch.from_numpy(train_y))
     # SD 1.x's betas and steps_offset; latents are never clipped (from_config passes clip_sample=False on to DDIM)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
     ema_unet, ema_text = EMA(unet, 0.995), EMA(text_encoder, 0.995)
 
     def unet_step(step):
-        idx = torch.randint(len(mean), (batch,), generator=gen)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
-        u = torch.rand(batch, generator=gen)
-        input_ids = torch.where((u < 0.25)[:, None], numeral_ids[labels[idx]], word_ids[labels[idx]])
-        input_ids[u > 0.9] = empty_ids  # 10% unconditional, for classifier-free guidance
+        z0, input_ids = latent_batch(mean, std, scaling_factor, prompts, batch, gen)
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         hidden = text_encoder(input_ids)[0]
@@ -346,6 +336,44 @@ def train_sd(out_dir: Path, vae_steps: int, unet_steps: int, gen: torch.Generato
     pipe.save_pretrained(out_dir, safe_serialization=True)
     print(f"[sd-unet] {sec:.3f} CPU s/step", flush=True)
     evaluate_sd(out_dir, classifier)
+
+
+class PromptIds:
+    """The token ids a training batch draws from: each digit's word prompt ("a handwritten digit seven") and numeral
+    prompt ("... 7"), and the empty prompt of classifier-free guidance's unconditional share."""
+
+    def __init__(self, tokenizer, labels):
+        def ids(prompts):
+            return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids
+
+        self.labels = labels
+        self.words = ids([digit_prompt(d) for d in range(10)])
+        self.numerals = ids([digit_prompt(d, True) for d in range(10)])
+        self.empty = ids([""])[0]
+
+
+def latent_batch(mean, std, scaling_factor, prompts: PromptIds, batch: int, gen):
+    """A batch of training latents (sampled from the frozen VAE's posteriors, scaled) and their prompts' ids: a
+    quarter numerals, 10% empty (unconditional, for classifier-free guidance), the rest words."""
+    idx = torch.randint(len(mean), (batch,), generator=gen)
+    latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
+    u = torch.rand(batch, generator=gen)
+    input_ids = torch.where((u < 0.25)[:, None], prompts.numerals[prompts.labels[idx]],
+                            prompts.words[prompts.labels[idx]])
+    input_ids[u > 0.9] = prompts.empty
+    return latents, input_ids
+
+
+def score_prompted(pipe, seeds, steps: int, guidance: float, classifier) -> tuple[float, float]:
+    """Every digit's prompt drawn with each seed: (share classified as the prompted digit, mean adherence)."""
+    digits = [d for d in range(10) for _ in seeds]
+    gens = [torch.Generator("cpu").manual_seed(s) for _ in range(10) for s in seeds]
+    images = pipe([digit_prompt(d) for d in digits], generator=gens, num_inference_steps=steps,
+                  guidance_scale=guidance, output_type="np").images
+    scores = score_digits((images * 255).round().astype(np.uint8), digits, path=classifier)
+    acc = np.mean([s["predicted_digit"] == d for s, d in zip(scores, digits)])
+    return acc, np.mean([s["prompt_adherence"] for s in scores])
 
 
 def sd_inference_scheduler(training_scheduler):
@@ -367,16 +395,9 @@ def evaluate_sd(model_dir: Path, classifier: str | None = None, seeds=(0, 1, 2),
                                                    requires_safety_checker=False)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    digits = [d for d in range(10) for _ in seeds]
     results = {}
     for guidance in guidances:
-        gens = [torch.Generator("cpu").manual_seed(s) for _ in range(10) for s in seeds]
-        images = pipe([digit_prompt(d) for d in digits], generator=gens, num_inference_steps=steps,
-                      guidance_scale=guidance, output_type="np").images
-        scores = score_digits((images * 255).round().astype(np.uint8), digits, path=classifier)
-        acc = np.mean([s["predicted_digit"] == d for s, d in zip(scores, digits)])
-        adherence = np.mean([s["prompt_adherence"] for s in scores])
-        results[guidance] = (acc, adherence)
+        acc, adherence = results[guidance] = score_prompted(pipe, seeds, steps, guidance, classifier)
         print(f"[sd] UniPC {steps} steps, guidance {guidance}: classified as prompted {acc:.3f}, "
               f"mean adherence {adherence:.3f}", flush=True)
     return results
@@ -473,13 +494,7 @@ def train_flow(out_dir: Path, sd_dir: Path, steps: int, gen: torch.Generator, cl
     print(f"[flow] digits-sd latents: mean {float(mean.mean()):.3f}, scaled std "
           f"{float((mean * scaling_factor).std()):.3f}", flush=True)
 
-    def ids(prompts):
-        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-
-    word_ids, numeral_ids = ids([digit_prompt(d) for d in range(10)]), ids([digit_prompt(d, True) for d in range(10)])
-    empty_ids = ids([""])[0]
-    labels = torch.from_numpy(train_y)
+    prompts = PromptIds(tokenizer, torch.from_numpy(train_y))
 
     def condition(text_encoders, input_ids):
         """As the pipeline encodes a prompt: both CLIPs' penultimate states side by side, then the zero token that
@@ -493,11 +508,7 @@ def train_flow(out_dir: Path, sd_dir: Path, steps: int, gen: torch.Generator, cl
     transformer.set_attn_processor(RepeatedTokenAttention(T5_TOKENS))  # after the EMA copy, which keeps the default
 
     def flow_step(step):
-        idx = torch.randint(len(mean), (batch,), generator=gen)
-        x0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
-        u = torch.rand(batch, generator=gen)
-        input_ids = torch.where((u < 0.25)[:, None], numeral_ids[labels[idx]], word_ids[labels[idx]])
-        input_ids[u > 0.9] = empty_ids  # 10% unconditional, for classifier-free guidance
+        x0, input_ids = latent_batch(mean, std, scaling_factor, prompts, batch, gen)
         noise = torch.randn(x0.shape, generator=gen)
         sigma = torch.sigmoid(torch.randn(batch, generator=gen))
         noisy = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
@@ -529,18 +540,11 @@ def evaluate_flow(model_dir: Path, classifier: str | None = None, seeds=(0, 1, 2
     pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, use_safetensors=True, text_encoder_3=None,
                                                     tokenizer_3=None)  # diffusers wants left-out parts named
     pipe.set_progress_bar_config(disable=True)
-    digits = [d for d in range(10) for _ in seeds]
     results = {}
     for shift in shifts:
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
         for guidance in guidances:
-            gens = [torch.Generator("cpu").manual_seed(s) for _ in range(10) for s in seeds]
-            images = pipe([digit_prompt(d) for d in digits], generator=gens, num_inference_steps=steps,
-                          guidance_scale=guidance, output_type="np").images
-            scores = score_digits((images * 255).round().astype(np.uint8), digits, path=classifier)
-            acc = np.mean([s["predicted_digit"] == d for s, d in zip(scores, digits)])
-            adherence = np.mean([s["prompt_adherence"] for s in scores])
-            results[shift, guidance] = (acc, adherence)
+            acc, adherence = results[shift, guidance] = score_prompted(pipe, seeds, steps, guidance, classifier)
             print(f"[flow] flow Euler shift {shift} {steps} steps, guidance {guidance}: classified as prompted "
                   f"{acc:.3f}, mean adherence {adherence:.3f}", flush=True)
     return results
