@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -64,6 +65,18 @@ def assert_same_image(ours: np.ndarray, theirs: np.ndarray):
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """A pipeline's `output_type="np"` images ([0, 1] floats) as the uint8 the PNGs hold."""
     return (images * 255).round().astype("uint8")
+
+
+@contextlib.contextmanager
+def small_disk(directory: Path, size: str):
+    """A real filesystem of `size` (a tmpfs; root only) mounted at `directory`, so that a disk fills for real."""
+    directory.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)]).returncode != 0:
+        pytest.skip("tmpfs mount refused here")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)])
 
 
 def read_png(path) -> np.ndarray:

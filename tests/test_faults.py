@@ -7,7 +7,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from conftest import compose_config, run_cli
+from conftest import compose_config, run_cli, small_disk
 from runner import embedded_model_path
 from runner.checks import ConfigError
 from runner.spec import make_spec
@@ -513,15 +513,9 @@ def test_a_resumed_sweep_writes_the_wandb_runs_it_never_wrote(tmp_path):
 
 @pytest.mark.skipif(__import__("os").geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
 def test_a_full_disk_is_one_wandb_warning_and_leaves_no_half_written_run(tmp_path):
-    import subprocess
-
     from wandb_records import read_run
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(disk)]).returncode != 0:
-        pytest.skip("tmpfs mount refused here")
-    try:
+    with small_disk(tmp_path / "disk", "600k") as disk:
         sweep = disk / "sweep"
         result = run_cli("-m", "model=tiny-sd", "steps=2", "guidance=1,2,3,4,5,6", "wandb.mode=offline",
                          "sampling.progress=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"WANDB_MODE": None})
@@ -533,8 +527,6 @@ def test_a_full_disk_is_one_wandb_warning_and_leaves_no_half_written_run(tmp_pat
         assert sorted(p.name.rsplit("-", 1)[1] for p in runs) == markers  # every run left is a finished one
         for run_dir in runs:
             assert read_run(run_dir)["run"].display_name.startswith("guidance=")
-    finally:
-        subprocess.run(["umount", str(disk)])
 
 
 def test_an_identical_sweep_started_while_one_runs_is_refused_so_no_run_is_written_twice(tmp_path):

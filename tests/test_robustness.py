@@ -7,13 +7,12 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import REPO, compose_config, run_cli, run_job_in
+from conftest import compose_config, run_cli, run_job_in, small_disk
 from runner import embedded_model_path
 from runner.checks import ConfigError
 from runner.spec import make_spec
@@ -129,18 +128,12 @@ def test_a_full_disk_fails_the_point_and_keeps_earlier_rows(tmp_path):
 def test_atomic_write_on_a_really_full_filesystem_keeps_the_old_file(tmp_path):
     from runner.record import atomic_write_bytes
 
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(disk)]).returncode != 0:
-        pytest.skip("tmpfs mount refused here")
-    try:
+    with small_disk(tmp_path / "disk", "64k") as disk:
         atomic_write_bytes(disk / "rows.parquet", b"old rows")
         with pytest.raises(OSError, match="No space left"):
             atomic_write_bytes(disk / "rows.parquet", b"x" * 200_000)
         assert (disk / "rows.parquet").read_bytes() == b"old rows"
         assert [p.name for p in disk.iterdir()] == ["rows.parquet"]  # no temp file left behind
-    finally:
-        subprocess.run(["umount", str(disk)])
 
 
 def test_sigkill_mid_sweep_then_resume_gives_exactly_the_right_rows(tmp_path):
