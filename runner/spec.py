@@ -75,6 +75,7 @@ class ModelInfo:
     pipeline_config: dict  # model_index.json's settings beside its components (force_zeros_for_empty_prompt ...)
     scheduler_config: dict  # the model's scheduler_config.json
     facts: dict  # Family.facts: what the family's checks need from the component configs
+    components: tuple[str, ...]  # the components model_index.json names (not null)
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class Spec:
     schedule_timesteps: tuple | None = None  # custom timesteps for set_timesteps (runner.sampling.set_schedule)
     schedule_sigmas: tuple | None = None  # custom sigmas, ending with the final one
     model_facts: dict = field(default_factory=dict)  # Family.facts (e.g. guidance_embedded)
+    model_components: tuple = ()  # the components model_index.json names: an optional one (SD3's T5) may be absent
     scheduler_backend: str = "diffusers"  # or k-diffusion (runner.ksampling)
     k_sampler: dict = field(default_factory=dict)  # k-diffusion: sampler, noise_sampler, quantize
     shift: float | None = None  # a flow model's static shift as swept (null: the model's own); in scheduler_kwargs
@@ -205,7 +207,8 @@ def read_model_info(name_or_path: str, revision: str | None, vae: str | None) ->
     except Exception:
         fail(key, name_or_path, "it has no readable scheduler/scheduler_config.json; save the model with save_pretrained()")
     return ModelInfo(family, multiple, default_size, _hub_commit(index_path) or _local_fingerprint(name_or_path),
-                     index_path, pipeline_config, scheduler_config, facts)
+                     index_path, pipeline_config, scheduler_config, facts,
+                     tuple(families.component_classes(index)))
 
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -387,7 +390,8 @@ def make_spec(cfg: DictConfig, model_files: dict | None = None) -> Spec:
         precision_options=check_options(prec, device, family), metric=metric, clip_model=clip_model,
         family_options=dict(c.get(family.options_key) or {}) if family.options_key else {},
         pipeline_config=info.pipeline_config, schedule=schedule["name"], schedule_timesteps=schedule_timesteps,
-        schedule_sigmas=schedule_sigmas, model_facts=info.facts, scheduler_backend=backend, k_sampler=k_sampler,
+        schedule_sigmas=schedule_sigmas, model_facts=info.facts, model_components=info.components,
+        scheduler_backend=backend, k_sampler=k_sampler,
         shift=None if c.get("shift") is None else float(c["shift"]),
     )
     family.check(spec)

@@ -311,3 +311,21 @@ def test_which_schedulers_take_sigmas_and_mu():
     assert takes("FlowMatchHeunDiscreteScheduler") == (False, False)
     assert takes("DPMSolverMultistepScheduler") == (False, True)
     assert takes("UniPCMultistepScheduler") == (True, True)
+
+
+def test_the_runner_loads_an_sd3_without_t5_and_refuses_a_broken_t5(sd3_models, tmp_path):
+    """T5 is optional where model_index.json leaves it out; where it names it, a T5 that does not load is an error,
+    never silently dropped (which would draw other images under the same model name)."""
+    from conftest import run_job_in
+    from runner.components import clear_cache
+
+    no_t5 = sd3_models[False][0]
+    rows = run_job_in(tmp_path / "no-t5", "model=tiny-sd3", f"model.name_or_path={no_t5}", "steps=2")
+    assert [r["status"] for r in rows] == ["ok"]
+    broken = tmp_path / "broken-t5"
+    shutil.copytree(sd3_models[True][0], broken)
+    weights, = (broken / "text_encoder_3").glob("*.safetensors")
+    weights.unlink()  # named in model_index.json, but not there
+    clear_cache()
+    rows = run_job_in(tmp_path / "broken", "model=tiny-sd3", f"model.name_or_path={broken}", "steps=2")
+    assert rows[0]["status"] == "failed" and "could not load text_encoder_3" in rows[0]["error"]
