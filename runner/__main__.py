@@ -1,5 +1,6 @@
 """`python -m runner`: the Hydra app. Heavy libraries load only once a job really runs."""
 
+import errno
 import os
 import sys
 
@@ -85,6 +86,13 @@ def _one_line_errors(run_and_report):
                     raise
                 print(f"error: {line}", file=sys.stderr)
                 sys.exit(2)
+            except OSError as err:  # e.g. Hydra cannot save a job's .hydra/ on a full disk: no point can go on
+                if err.errno != errno.ENOSPC or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                where = f" (writing {err.filename})" if err.filename else ""
+                print(f"error: the disk is full{where}: the sweep stops here; free space, then run the same command "
+                      "again (finished points are kept)", file=sys.stderr)
+                sys.exit(1)
 
         return run_and_report(with_one_line)
 

@@ -6,11 +6,15 @@
     <job_dir>/schedule.csv           the sigma schedule the loop used
     <job_dir>/error.txt              the traceback of a failed job
     <job_dir>/.hydra/                the composed config (what runner.reproduce re-runs)
+    <job_dir>/runner.log             the job's log (JobLogFile)
 """
 
+import errno
 import hashlib
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 
 ROWS_FILE = "rows.parquet"
@@ -18,6 +22,21 @@ SCHEDULE_FILE = "schedule.csv"
 ERROR_FILE = "error.txt"
 IMAGES_DIR = "images"
 LATENTS_DIR = "latents"
+
+
+class JobLogFile(logging.FileHandler):
+    """Hydra's job log file (conf/config.yaml names it). On a full disk the log stops with one line on stderr, not
+    a traceback for every record logged after it; the job itself reports the full disk where it writes."""
+
+    disk_full = False
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        err = sys.exc_info()[1]
+        if not (isinstance(err, OSError) and err.errno == errno.ENOSPC):
+            return super().handleError(record)
+        if not JobLogFile.disk_full:
+            print(f"warning: the disk is full: the job log {self.baseFilename} stops here", file=sys.stderr)
+        JobLogFile.disk_full = True
 
 
 def image_name(index: int, seed: int) -> str:

@@ -33,7 +33,8 @@ def model_copy(tmp_path):
 
 @pytest.mark.parametrize("override,expected", [
     ("scheduler=nosuch", "error: scheduler=nosuch is not allowed: one of ddim, ddpm, default,"),
-    ("model=nosuch", "error: model=nosuch is not allowed: one of ddpm-cat-256, digits-ddpm, digits-sd,"),
+    ("model=nosuch", "error: model=nosuch is not allowed: one of ddpm-cat-256, digits-ddpm, digits-flow, "
+                      "digits-sd,"),
     ("guidence=3", "error: guidence=3 is not allowed: guidence is not a config key (did you mean guidance?"),
 ])
 def test_unknown_option_or_key_is_one_line_and_exit_2(override, expected, tmp_path):
@@ -515,18 +516,36 @@ def test_a_resumed_sweep_writes_the_wandb_runs_it_never_wrote(tmp_path):
 def test_a_full_disk_is_one_wandb_warning_and_leaves_no_half_written_run(tmp_path):
     from wandb_records import read_run
 
-    with small_disk(tmp_path / "disk", "600k") as disk:
-        sweep = disk / "sweep"
-        result = run_cli("-m", "model=tiny-sd", "steps=2", "guidance=1,2,3,4,5,6", "wandb.mode=offline",
-                         "sampling.progress=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"WANDB_MODE": None})
+    sweep = tmp_path / "sweep"
+    args = ("-m", "model=tiny-sd", "steps=2", "guidance=1,2,3,4,5,6", "sampling.progress=false",
+            f"hydra.sweep.dir={sweep}")
+    assert run_cli(*args, "wandb.mode=disabled", cwd=tmp_path).returncode == 0
+    # only W&B's dir on the small disk: the resume writes the six runs there and nothing else (Hydra's files and
+    # the rows stay on the big disk), so it is W&B that meets the full disk, every time
+    with small_disk(sweep / "wandb", "200k"):
+        result = run_cli(*args, "wandb.mode=offline", cwd=tmp_path, env={"WANDB_MODE": None})
         output = result.stdout + result.stderr
+        assert result.returncode == 0, output
         assert "Traceback" not in output and "Logging error" not in output
         assert output.count("W&B: the disk is full") == 1
         runs = offline_runs(sweep)
+        assert 0 < len(runs) < 6  # some fitted, and the disk did fill
         markers = sorted(p.read_text() for p in sweep.glob("*/.wandb_run"))
         assert sorted(p.name.rsplit("-", 1)[1] for p in runs) == markers  # every run left is a finished one
         for run_dir in runs:
             assert read_run(run_dir)["run"].display_name.startswith("guidance=")
+
+
+@pytest.mark.skipif(__import__("os").geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
+def test_a_disk_too_full_for_hydra_is_one_error_line(tmp_path):
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        result = run_cli("-m", "model=tiny-sd", "steps=2", "guidance=1,2,3,4,5,6", "wandb.mode=disabled",
+                         "sampling.progress=false", f"hydra.sweep.dir={disk / 'sweep'}", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 1, output
+    assert "Traceback" not in output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: the disk is full"), output
 
 
 def test_an_identical_sweep_started_while_one_runs_is_refused_so_no_run_is_written_twice(tmp_path):
