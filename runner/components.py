@@ -54,6 +54,8 @@ def loader(spec):
     safetensors_only = True if not spec.allow_pickle else None
 
     def load(cls, subfolder, optional=False):
+        if optional and subfolder not in spec.model_components:  # model_index.json leaves it out (or null)
+            return None
         is_model = hasattr(cls, "eval")  # models, not tokenizers
         path, folder = (spec.vae, None) if subfolder == "vae" and spec.vae else (spec.name_or_path, subfolder)
         options = dict(subfolder=folder, revision=None if spec.vae and subfolder == "vae" else spec.revision)
@@ -62,8 +64,6 @@ def loader(spec):
         try:
             component = cls.from_pretrained(path, **options)
         except Exception as err:
-            if optional:
-                return None
             hint = ("" if spec.allow_pickle else
                     " If this model has only .bin/.ckpt (pickle) weights and you trust it, set model.allow_pickle=true.")
             raise ModelLoadError(f"could not load {folder or 'vae'} of {path}: {type(err).__name__}: "

@@ -3,7 +3,10 @@
 Images are compared only with a reference of the same content: the same model, prompt(s), seed, guidance, size,
 negative prompt, precision and img2img settings (every axis except scheduler and steps). By default the reference
 is the image with the most steps of the reference scheduler in the rows themselves; `reference=` names a separate
-run (a job dir, sweep dir or tree), e.g. ddim at 200 steps, whose most-steps image per content is then used.
+run (a job dir, sweep dir or tree), e.g. ddim at 200 steps, whose most-steps image per content is then used;
+`reference="auto"` uses converged references (runner.reference: DPM++ 2M at many steps, checked against its own
+solution at half the steps, cached), and fills `ref_converged`, `ref_check_psnr` and `ref_tolerance_db`.
+Every row gets `stochastic`: its sampler draws fresh noise, so compare it by distribution (runner.fid) instead.
 """
 
 from pathlib import Path
@@ -65,15 +68,21 @@ def _is_file(path) -> bool:
     return isinstance(path, str) and bool(path) and Path(path).is_file()
 
 
-def add_convergence(df, reference=None, scheduler: str | None = None):
+def add_convergence(df, reference=None, scheduler: str | None = None, **auto):
     """`df` with the CONVERGENCE_COLUMNS filled for every ok row that has a reference (the reference itself gets
-    PSNR inf, SSIM 1). `reference`: a path to a separate reference run; `scheduler`: the reference scheduler."""
+    PSNR inf, SSIM 1). `reference`: "auto" (converged references; `auto` are runner.reference.converged_references'
+    cache, steps and tolerance_db) or a path to a separate reference run; `scheduler`: the reference scheduler."""
     from runner import results
+    from runner.reference import is_stochastic
 
     df = df.drop(columns=[c for c in CONVERGENCE_COLUMNS if c in df.columns])
     if df.empty or "image_path" not in df:
         return df
-    if reference is not None:
+    if str(reference) == "auto":
+        from runner.reference import converged_references
+
+        refs = converged_references(df, **auto)
+    elif reference is not None:
         pool = results.load(reference)
         refs = reference_rows(pool, scheduler)
     else:
@@ -87,8 +96,9 @@ def add_convergence(df, reference=None, scheduler: str | None = None):
         if ref is not None and row.get("status") == "ok" and _is_file(row["image_path"]) and _is_file(ref["image_path"]):
             values = distances(row["image_path"], ref["image_path"], row.get("latent_path"), ref.get("latent_path"))
             if values:
-                values.update(ref_scheduler=ref["scheduler"], ref_steps=ref["steps"])
-        filled.append(values)
+                values.update(ref_scheduler=ref["scheduler"], ref_steps=ref["steps"],
+                              **{c: ref.get(c) for c in ("ref_converged", "ref_check_psnr", "ref_tolerance_db")})
+        filled.append(dict(values, stochastic=is_stochastic(row)))
     for column in CONVERGENCE_COLUMNS:
         df[column] = [values.get(column) for values in filled]
     return df

@@ -30,83 +30,112 @@ def draw(spec, job_dir: Path, context: JobContext, listener=None) -> list[dict]:
     `listener(rows, schedule)` is called with the finished rows before they are written, and may return the
     seconds it spent (e.g. logging to W&B): that becomes the `time_log_s` column, per image.
     """
-    import torch
-
-    from runner.components import load_components
-    from runner.families import by_name
-    from runner.precision import needs_warm_up, row_columns, set_tf32, warm_up
-    from runner.sampling import Tally
+    from runner.precision import row_columns
     from runner.timing import JobClock
 
-    family = by_name(spec.family)
-    # 1. plan
     plan = [(prompt, seed) for prompt in spec.prompts for seed in spec.seeds]
     inject_fault(context.job_num, "import")
     base = dict(spec_columns(spec), **context.columns(), **environment(spec), **row_columns(spec.precision_options),
                 model_revision=spec.model_revision)
     clock = JobClock(spec.device)  # after the one-off library imports; resets the peak-memory counters
-    timer = clock.timer
-    rows, schedule = [], []
     try:
-        # 2. load
-        set_tf32(spec.precision_options["tf32"], spec.device)
-        with timer("load"):
-            components, cached = load_components(spec)
-        scheduler = build_job_scheduler(spec, components)
-        # 3. warm up
-        batch_sizes = sorted({len(plan[i:i + spec.batch_size]) for i in range(0, len(plan), spec.batch_size)})
-        warmed_up = needs_warm_up(spec, spec.precision_options)
-        if warmed_up:  # first calls (CUDA init, autotuning, compiling) stay out of the step times
-            for size in batch_sizes:
-                warm_up(components, spec, size, timer)
-        state = family.prepare(components, spec, timer)
-        kept = kept_images(job_dir, plan, context.config_hash)
-        if kept:
-            log.info(f"  {len(kept)} of {len(plan)} image(s) already drawn for this config: kept")
-        todo = [(i, prompt, seed) for i, (prompt, seed) in enumerate(plan) if i not in kept]
-        # 4. draw and save
-        drawn, pictures = {}, {}
-        inject_fault(context.job_num, "sample")
-        for first in range(0, len(todo), spec.batch_size):
-            batch = todo[first:first + spec.batch_size]
-            generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
-            tally = Tally()
-            with timer("sample"):
-                images, latents = family.sample(components, scheduler, spec, [p for _, p, _ in batch], generators,
-                                                state, timer, tally)
-            with timer("save"):
-                inject_fault(context.job_num, "save")
-                for i, ((index, prompt, seed), image) in enumerate(zip(batch, images)):
-                    drawn[index] = save(job_dir, dict(base, prompt=prompt, seed=seed), image_name(index, seed), image,
-                                        latents[i] if latents is not None else None, tally)
-                    pictures[index] = image
-        cost = next((dict(nfe=r["nfe"], unet_evals=r["unet_evals"]) for r in drawn.values()),
-                    dict(nfe=None, unet_evals=None))  # every image of a job runs the same loop
-        rows = [drawn[i] if i in drawn else dict(base, prompt=p, seed=s, **kept[i], **cost)
-                for i, (p, s) in enumerate(plan)]
-        # 5. score
-        with timer("metrics"):
-            rows = add_image_metrics(spec, family, rows, [pictures.get(i) for i in range(len(plan))], job_dir)
-        # 6. record
-        if not drawn:
-            scheduler.set_timesteps(spec.steps)  # nothing was drawn, so the schedule is set here to record it
-        schedule = recorded_schedule(spec, family, scheduler)
-        write_table(job_dir / SCHEDULE_FILE, schedule)
-        times = clock.columns(len(rows), cached, warmed_up)
-        rows = [dict(row, shift_mu=schedule_mu(scheduler), **times, status="ok", error="") for row in rows]
-        log.info(f"  {len(rows)} image(s) in {times['time_total_s']:.2f} s  → {job_dir}")
+        rows, schedule = draw_plan(spec, job_dir, context, plan, base, clock)
     except Exception as err:  # record the point as failed; the sweep goes on
-        from runner.exits import exit_in_disguise
+        rows, schedule = failed_rows(job_dir, plan, base, err), []
+    return record_rows(job_dir, rows, schedule, listener)
 
-        if (real_exit := exit_in_disguise(err)) is not None:
-            raise real_exit from None
-        with contextlib.suppress(OSError):  # a full disk: the failed rows below must still come back
-            atomic_write_bytes(job_dir / ERROR_FILE, traceback.format_exc().encode())
-        log.error(f"  failed: {type(err).__name__}: {err}")
-        # Images drawn before the failure stay on disk (a resume keeps them); the rows count none of them as ok.
-        rows = [dict(base, prompt=p, seed=s, image_path="", image_sha256="", status="failed",
-                     error=f"{type(err).__name__}: {err}") for p, s in plan]
-        free_memory()
+
+def draw_plan(spec, job_dir: Path, context: JobContext, plan: list, base: dict, clock) -> tuple[list, list]:
+    """Steps 2 to 6 of the recipe: (rows, schedule) of a job whose every image is ok."""
+    from runner.families import by_name
+    from runner.sampling import set_schedule
+
+    family, timer = by_name(spec.family), clock.timer
+    # 2. load, and 3. warm up
+    components, cached, scheduler, warmed_up = load_and_warm_up(spec, plan, timer)
+    state = family.prepare(components, spec, timer)
+    # 4. draw what a killed or requeued run of this config did not, saving each PNG
+    kept = kept_images(job_dir, plan, context.config_hash)
+    if kept:
+        log.info(f"  {len(kept)} of {len(plan)} image(s) already drawn for this config: kept")
+    inject_fault(context.job_num, "sample")
+    drawn, pictures = draw_images(spec, family, components, scheduler, state, job_dir, context, plan, kept, base,
+                                  timer)
+    cost = next((dict(nfe=r["nfe"], unet_evals=r["unet_evals"]) for r in drawn.values()),
+                dict(nfe=None, unet_evals=None))  # every image of a job runs the same loop
+    rows = [drawn[i] if i in drawn else dict(base, prompt=p, seed=s, **kept[i], **cost) for i, (p, s) in enumerate(plan)]
+    # 5. score
+    with timer("metrics"):
+        rows = add_image_metrics(spec, family, rows, [pictures.get(i) for i in range(len(plan))], job_dir)
+    # 6. record the schedule the loop used, and the timings
+    if not drawn:
+        set_schedule(scheduler, spec)  # nothing was drawn, so the schedule is set here to record it
+    schedule = recorded_schedule(spec, family, scheduler)
+    write_table(job_dir / SCHEDULE_FILE, schedule)
+    times = clock.columns(len(rows), cached, warmed_up)
+    log.info(f"  {len(rows)} image(s) in {times['time_total_s']:.2f} s  → {job_dir}")
+    return [dict(row, shift_mu=schedule_mu(scheduler), **times, status="ok", error="") for row in rows], schedule
+
+
+def load_and_warm_up(spec, plan: list, timer):
+    """The model (cached per process), this job's scheduler, and one warm-up forward per batch shape where first
+    calls are not representative (CUDA init, autotuning, compiling stay out of the step times)."""
+    from runner.components import load_components
+    from runner.precision import needs_warm_up, set_tf32, warm_up
+
+    set_tf32(spec.precision_options["tf32"], spec.device)
+    with timer("load"):
+        components, cached = load_components(spec)
+    scheduler = build_job_scheduler(spec, components)
+    warmed_up = needs_warm_up(spec, spec.precision_options)
+    if warmed_up:
+        for size in sorted({len(plan[i:i + spec.batch_size]) for i in range(0, len(plan), spec.batch_size)}):
+            warm_up(components, spec, size, timer)
+    return components, cached, scheduler, warmed_up
+
+
+def draw_images(spec, family, components, scheduler, state, job_dir, context, plan, kept, base, timer):
+    """The plan's images not kept, in batches of at most `sampling.batch_size`, one CPU generator per image:
+    ({plan index: row}, {plan index: uint8 image})."""
+    import torch
+
+    from runner.sampling import Tally
+
+    todo = [(i, prompt, seed) for i, (prompt, seed) in enumerate(plan) if i not in kept]
+    drawn, pictures = {}, {}
+    for first in range(0, len(todo), spec.batch_size):
+        batch = todo[first:first + spec.batch_size]
+        generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
+        tally = Tally()
+        with timer("sample"):
+            images, latents = family.sample(components, scheduler, spec, [p for _, p, _ in batch], generators, state,
+                                            timer, tally)
+        with timer("save"):
+            inject_fault(context.job_num, "save")
+            for i, ((index, prompt, seed), image) in enumerate(zip(batch, images)):
+                drawn[index] = save(job_dir, dict(base, prompt=prompt, seed=seed), image_name(index, seed), image,
+                                    latents[i] if latents is not None else None, tally)
+                pictures[index] = image
+    return drawn, pictures
+
+
+def failed_rows(job_dir: Path, plan: list, base: dict, err: Exception) -> list[dict]:
+    """A failed job's rows, its traceback in error.txt. Images drawn before the failure stay on disk (a resume
+    keeps them); the rows count none of them as ok. An exit is never a failure: it leaves as the exit it is."""
+    from runner.exits import exit_in_disguise
+
+    if (real_exit := exit_in_disguise(err)) is not None:
+        raise real_exit from None
+    with contextlib.suppress(OSError):  # a full disk: the failed rows below must still come back
+        atomic_write_bytes(job_dir / ERROR_FILE, traceback.format_exc().encode())
+    log.error(f"  failed: {type(err).__name__}: {err}")
+    free_memory()
+    return [dict(base, prompt=p, seed=s, image_path="", image_sha256="", status="failed",
+                 error=f"{type(err).__name__}: {err}") for p, s in plan]
+
+
+def record_rows(job_dir: Path, rows: list[dict], schedule: list[dict], listener) -> list[dict]:
+    """The listeners see the rows (their time is `time_log_s`), then the rows are written, once."""
     if listener is not None:
         seconds = listener(rows, schedule) or 0.0
         rows = [dict(row, time_log_s=seconds / max(len(rows), 1)) for row in rows]
@@ -129,9 +158,16 @@ def save(job_dir: Path, row: dict, name: str, image, latent, tally) -> dict:
 
 
 def build_job_scheduler(spec, components):
+    """The job's diffusers scheduler; for a k-diffusion sampler, runner.ksampling's stand-in, which reads the
+    model's own scheduler for its alphas_cumprod and prediction type."""
     from runner.schedulers import build_scheduler
 
-    return build_scheduler(components.scheduler_config, spec.scheduler_class, spec.scheduler_kwargs)
+    scheduler = build_scheduler(components.scheduler_config, spec.scheduler_class, spec.scheduler_kwargs)
+    if getattr(spec, "scheduler_backend", "diffusers") == "k-diffusion":
+        from runner.ksampling import build
+
+        return build(scheduler, spec)
+    return scheduler
 
 
 def add_image_metrics(spec, family, rows: list[dict], pictures: list, job_dir: Path) -> list[dict]:
@@ -166,10 +202,10 @@ def schedule_mu(scheduler) -> float | None:
 def spec_columns(spec) -> dict:
     """runner.columns.SPEC_COLUMNS: the axes as typed (option names, not class names)."""
     s = spec
-    return dict(model=s.model, scheduler=s.scheduler, precision=s.precision, steps=s.steps, guidance=s.guidance,
+    return dict(model=s.model, scheduler=s.scheduler, schedule=s.schedule, precision=s.precision, steps=s.steps, guidance=s.guidance,
                 negative_prompt=s.negative_prompt, height=s.height, width=s.width, device=s.device, dtype=s.dtype,
                 strength=s.strength, init_image=s.init_image or "", scheduler_class=s.scheduler_class or "",
-                model_name_or_path=s.name_or_path, family=s.family)
+                model_name_or_path=s.name_or_path, family=s.family, shift=s.shift)
 
 
 def environment(spec) -> dict:

@@ -1,11 +1,12 @@
 """Faults on purpose: tests make sweep point k fail through the real code paths.
 
-    RUNNER_FAULT="<k>:error|oom|enospc|exit-in-import|exit-in-load"
+    RUNNER_FAULT="<k>:error|oom|enospc|exit-in-import|exit-in-load|crash"
 
 `error` and `oom` (torch.cuda.OutOfMemoryError) raise before sampling; `enospc` raises "No space left on device"
 where the job writes its first image. `exit-in-import` and `exit-in-load` create a class whose creation calls
 sys.exit(-1), as a preemption signal does when it lands during a library import: where the job imports its
 libraries (before its error handling), and after the model loaded (inside it; diffusers imports lazily).
+`crash` raises in the Hydra task before the drawing's own error handling (runner.job).
 """
 
 import os
@@ -23,6 +24,8 @@ def inject_fault(job_num: int, stage: str) -> None:
         import torch
 
         raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected by RUNNER_FAULT)")
+    if stage == "job" and kind == "crash":
+        raise RuntimeError("crash injected by RUNNER_FAULT")
     if stage == "sample" and kind == "error":
         raise RuntimeError("fault injected by RUNNER_FAULT")
     if (stage, kind) in (("import", "exit-in-import"), ("sample", "exit-in-load")):

@@ -23,11 +23,6 @@ def log_snr_flow(sigma: float) -> float:
     return 2 * math.log((1 - sigma) / sigma)
 
 
-def vae_scale(vae_config) -> int:
-    """Pixels per latent per side: each VAE block after the first halves the size (8 for SD3 and Flux)."""
-    return 2 ** (len(vae_config["block_out_channels"]) - 1)
-
-
 def apply_model_shift(scheduler, model_config: dict, given_kwargs: dict) -> None:
     """FlowMatchEuler/Heun read the model's `shift`; DPMSolverMultistep and UniPC (use_flow_sigmas) read their own
     `flow_shift`, which a model's config does not carry. Unless the run sets flow_shift, it is the model's shift.
@@ -97,28 +92,3 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     # The precision options may keep the VAE in another dtype than the denoiser.
     latents = (latents / vae.config.scaling_factor + shift).to(vae.dtype)
     return vae.decode(latents, return_dict=False)[0]
-
-
-def warn_truncated(log, tokenizer, prompts, limit: int) -> None:
-    """The pipelines truncate prompts past a tokenizer's limit; say so once per prompt, as they do."""
-    for prompt in dict.fromkeys(prompts):
-        dropped = len(tokenizer(prompt).input_ids) - limit
-        if dropped > 0:
-            log.warning(f"  prompt is {dropped} token(s) longer than {type(tokenizer).__name__}'s limit of {limit}; "
-                        f"they are dropped: {prompt[:60]!r}…")
-
-
-class PromptCache:
-    """Text embeddings computed once per distinct prompt within a job: `encode(prompts)` returns a tuple of
-    batch-first tensors; calling the cache returns the same tuple for any list of prompts."""
-
-    def __init__(self, encode, timer):
-        self.encode, self.timer, self.cache = encode, timer, {}
-
-    def __call__(self, prompts: list[str]) -> tuple:
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
-        if missing:
-            with self.timer("encode"):
-                encoded = self.encode(missing)
-            self.cache.update({p: tuple(t[i] for t in encoded) for i, p in enumerate(missing)})
-        return tuple(torch.stack(parts) for parts in zip(*(self.cache[p] for p in prompts)))

@@ -3,7 +3,8 @@
 - `gpus`: the joblib launcher runs jobs in reusable worker processes. Each worker pins itself to one visible GPU
   for its whole life (CUDA_VISIBLE_DEVICES, set before torch initialises CUDA in it), so the model it loaded stays
   cached for its next jobs. A worker claims the first free GPU by holding an exclusive lock on that GPU's lock
-  file; the OS drops the lock when the worker exits, so a replaced worker takes the freed GPU.
+  file; the OS drops the lock when the worker exits, so a replaced worker takes the freed GPU. A worker exits when
+  the sweep's process is gone (killed with SIGKILL, its workers lived on, drawing, each holding its GPU).
 """
 
 import hashlib
@@ -33,9 +34,11 @@ def default_workers() -> int:
 
 
 def pin_worker_gpu(launcher_target: str) -> str | None:
-    """In a joblib worker, claim one GPU for this process (once) and return its id; None elsewhere or on CPU."""
+    """In a joblib worker, claim one GPU for this process (once) and return its id; None elsewhere or on CPU. The
+    worker also starts watching for its parent's death (exit_with_parent)."""
     if launcher_target != JOBLIB_LAUNCHER:
         return None
+    exit_with_parent()
     if "gpu" not in _pinned:
         gpus = visible_gpus()
         if not gpus:
@@ -65,3 +68,30 @@ def claim_gpu(gpus: list[str], locks: Path) -> dict:
         except BlockingIOError:
             handle.close()
     return {"gpu": gpus[os.getpid() % len(gpus)], "lock": None}
+
+
+PARENT_CHECK_S = 1.0
+SWEEP_PID_ENV = "RUNNER_SWEEP_PID"  # set by runner.callbacks when a multirun starts, inherited by its workers
+_watching: list = []  # this worker's watchdog thread, once started
+
+
+def exit_with_parent() -> None:
+    """Exit this worker process when the process that started it is gone: loky workers otherwise outlive a sweep
+    killed with SIGKILL. A daemon thread notices the worker was handed to another parent (init or a subreaper).
+    (Not prctl's PR_SET_PDEATHSIG: it fires when the *thread* that started the worker ends, and loky starts
+    replacement workers from its own manager thread.)"""
+    import threading
+    import time
+
+    if _watching:
+        return
+    # the sweep's pid as it set it before starting workers: a parent killed before this worker's first job counts
+    parent = int(os.environ.get(SWEEP_PID_ENV) or os.getppid())
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(PARENT_CHECK_S)
+        os._exit(1)  # nothing to save: every file a job writes is renamed into place whole
+
+    _watching.append(threading.Thread(target=watch, name="runner-exit-with-parent", daemon=True))
+    _watching[0].start()

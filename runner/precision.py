@@ -88,11 +88,13 @@ def apply_options(components, options: dict, device: str):
 
 
 def set_attention(module, attention: str):
-    """Every attention layer of a model (UNet2DModel has no set_attn_processor) on SDPA or the eager processor."""
+    """Every plain attention layer of a model (UNet2DModel has no set_attn_processor) on SDPA or the eager processor.
+    Layers with a processor of their own keep it: SD3's joint attention under a plain processor would lose its
+    context stream (and fail, or mix up the batch)."""
     from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
     for layer in module.modules():
-        if isinstance(layer, Attention):
+        if isinstance(layer, Attention) and isinstance(layer.processor, (AttnProcessor, AttnProcessor2_0)):
             layer.set_processor(AttnProcessor2_0() if attention == "sdpa" else AttnProcessor())
 
 

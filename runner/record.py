@@ -51,7 +51,8 @@ def a1111_parameters(p: dict) -> str:
     lines = [p.get("prompt", "")]
     if p.get("negative_prompt"):
         lines.append(f"Negative prompt: {p['negative_prompt']}")
-    lines.append(f"Steps: {p['steps']}, Sampler: {p['scheduler']}, CFG scale: {p['guidance']}, Seed: {p['seed']}, "
+    schedule = f"Schedule type: {p['schedule']}, " if p.get("schedule", "default") != "default" else ""
+    lines.append(f"Steps: {p['steps']}, Sampler: {p['scheduler']}, {schedule}CFG scale: {p['guidance']}, Seed: {p['seed']}, "
                  f"Size: {p['width']}x{p['height']}, Model: {p['model']}")
     return "\n".join(lines)
 
@@ -117,7 +118,7 @@ def arrow_parquet_bytes(rows: list[dict]) -> bytes | None:
 
     try:
         table = pa.Table.from_pylist(same_keys(rows))  # from_pylist alone takes its columns from the first row
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
+    except (pa.ArrowInvalid, pa.ArrowTypeError, OverflowError):  # OverflowError: an int beyond 64 bits
         return None
     buffer = io.BytesIO()
     pq.write_table(table, buffer)
@@ -144,12 +145,16 @@ def csv_bytes(rows: list[dict]) -> bytes | None:
     return buffer.getvalue().encode()
 
 
+def fits_int64(value: int) -> bool:
+    return -2**63 <= value < 2**63
+
+
 def write_table(path: Path, rows) -> None:
     """Rows (a list of dicts or a DataFrame) to parquet or CSV, by the file's suffix."""
     import pandas as pd
 
     if Path(path).suffix == ".parquet" and isinstance(rows, list):
-        data = arrow_parquet_bytes(rows)  # a job's rows: pyarrow directly is ~3x faster than through pandas
+        data = arrow_parquet_bytes(rows)  # a job's rows: pyarrow directly, without a pandas round trip
         if data is not None:
             return atomic_write_bytes(Path(path), data)
     if Path(path).suffix == ".csv" and isinstance(rows, list) and rows:
@@ -158,8 +163,9 @@ def write_table(path: Path, rows) -> None:
             return atomic_write_bytes(Path(path), data)
     df = rows if isinstance(rows, pd.DataFrame) else pd.DataFrame(rows)
     for column in df.columns[df.dtypes == object]:
-        # A refused point can hold what the user typed (steps=abc) beside numbers: store such a column as text.
+        # A refused point can hold what the user typed (steps=abc, seed=2**64) beside numbers: store such a column
+        # as text (parquet has no integers beyond 64 bits).
         kinds = {type(v) for v in df[column] if v is not None and v == v}
-        if len(kinds) > 1:
+        if len(kinds) > 1 or (int in kinds and not all(fits_int64(v) for v in df[column] if isinstance(v, int))):
             df[column] = [None if v is None or v != v else str(v) for v in df[column]]
     atomic_write_bytes(Path(path), dataframe_bytes(df, Path(path).suffix.lstrip(".")))

@@ -1,237 +1,144 @@
-"""`python -m runner.report PATH [PATH ...] [--out DIR]`: one self-contained HTML report of one or more sweeps.
+"""`python -m runner.report PATH [PATH ...] [--out DIR]`: one self-contained HTML sweep viewer of one or more sweeps.
 
-It holds labelled image grids (X/Y/Z), the sigma schedules, timing charts, convergence to a reference image and
-the sortable results table. Every picture is also written as a PNG beside report.html and embedded in it
-(data: URIs), so the page opens offline, with no server, wherever it is copied. Default: <first PATH>/report/.
+report.html shows the images as a grid (any swept key across, down or per page, the others as filters), a
+cell's detail (metadata, sigma schedule, the command that redraws it), an A/B compare (side by side, wipe, flicker,
+difference; synced zoom), interactive charts (runner.viewer_charts) and the results table. Thumbnails are
+embedded; the full PNGs and the labelled grid PNGs are placed beside it (runner.viewer), so the report folder opens
+offline, with no server, wherever it is copied. Default: <first PATH>/report/.
 """
 
 import argparse
-import base64
 import html
+import json
+import re
 import sys
 from pathlib import Path
 
-from runner.columns import QUALITY_COLUMNS, REPORT_COLUMNS
-from runner.jobdir import SCHEDULE_FILE
+from runner.columns import QUALITY_COLUMNS
 from runner.record import atomic_write_bytes
 
-MANIFEST = "report_files.txt"  # the PNGs a report wrote: the next report into the same dir removes only those
+MANIFEST = "report_files.txt"  # the files a report wrote: the next report into the same dir removes only those
+ASSETS = Path(__file__).parent / "report_assets"
+GRID_CAPTIONS = ("time_per_image_s", *QUALITY_COLUMNS)  # caption lines under each cell of the grid PNGs
+# Tables under the charts: functions that take the results DataFrame and return (title, DataFrame), or None when
+# the rows hold nothing for them (a quality table, say). Each is shown as a plain HTML table.
+TABLES: list = []
 
 
-def peak_memory_columns(df) -> list[str]:
-    """Peak-memory columns, where the runner recorded them (named like `peak_memory_mb`)."""
-    return [c for c in df.columns if "peak" in c and "mem" in c]
-
-
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in str(text))[:80] or "all"
 
 
-def _save_figure(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.savefig(path, dpi=100, bbox_inches="tight")
-    plt.close(fig)
-    return path
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only: no display needed
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def grid_files(df, out: Path) -> list[tuple[str, Path]]:
-    """One set of X/Y/Z grids per sweep: (caption, PNG path) pairs."""
+    """One set of X/Y/Z grid PNGs per sweep (for papers and slides): (caption, PNG path) pairs."""
     from runner.grid import default_grid_axes_xyz, grid_pages
 
     files = []
-    for sweep, rows in df.groupby("sweep", sort=True, dropna=False):
+    for sweep, rows in df.groupby("sweep", sort=False, dropna=False):
         columns, row_axis, pages = default_grid_axes_xyz(rows)
         legend = ", ".join(f"{k}: {v}" for k, v in (("columns", columns), ("rows", row_axis), ("pages", pages)) if v)
-        for n, (title, image) in enumerate(grid_pages(rows, columns, row_axis, pages)):
-            path = out / f"grid_{_slug(sweep)}_{n:02d}.png"
+        captions = [c for c in GRID_CAPTIONS if c in rows and rows[c].notna().any()]
+        for n, (title, image) in enumerate(grid_pages(rows, columns, row_axis, pages, captions=captions)):
+            path = out / f"grid_{slug(sweep)}_{n:02d}.png"
             image.save(path)
             files.append((f"{sweep or 'single runs'}: {legend or 'one image'}{' — ' + title if title else ''}", path))
     return files
 
 
-def schedule_plot(df, out: Path) -> Path | None:
-    """Sigma against step, one line per scheduler and steps value (from each job's schedule.csv)."""
-    import pandas as pd
-
-    curves = {}
-    for (scheduler, steps), rows in df[df["status"] == "ok"].groupby(["scheduler", "steps"], sort=True):
-        path = Path(rows["job_dir"].iloc[0]) / SCHEDULE_FILE
-        if path.is_file():
-            curves[f"{scheduler}, {steps} steps"] = pd.read_csv(path)
-    if not curves:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 4.5))
-    styles = ("-", "--", ":", "-.")  # schedulers that share a schedule (ddim and euler) stay visible
-    for n, (label, schedule) in enumerate(curves.items()):
-        ax.plot(schedule["step"], schedule["sigma"], marker=".", linestyle=styles[n % len(styles)], label=label)
-    ax.set(xlabel="step", ylabel="sigma", yscale="log", title="Sigma schedules")
-    ax.legend(fontsize="small", ncol=2)
-    return _save_figure(fig, out / "sigma_schedule.png")
+def grids_html(grids: list[tuple[str, Path]]) -> str:
+    if not grids:
+        return ""
+    items = "".join(f"<figure><a href='{html.escape(p.name)}'><img loading='lazy' src='{html.escape(p.name)}' "
+                    f"alt='{html.escape(p.name)}' style='max-width:100%'></a><figcaption>{html.escape(caption)} "
+                    f"<small>({html.escape(p.name)})</small></figcaption></figure>" for caption, p in grids)
+    return f"<h2>Grid images (PNG, for papers and slides)</h2><div id='grid-pngs'>{items}</div>"
 
 
-def bar_chart(df, metric: str, title: str, ylabel: str, path: Path, bars: str = "steps") -> Path | None:
-    """`metric` (mean over images) by scheduler, one bar per value of `bars` (steps, guidance ...)."""
-    from runner.results import pivot
-
-    if metric not in df or df[metric].isna().all():
-        return None
-    table = pivot(df, metric, "scheduler", bars)
-    if table.empty:
-        return None
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    table.plot.bar(ax=ax, rot=0)
-    ax.set(xlabel="scheduler", ylabel=ylabel, title=title)
-    ax.legend(title=bars, fontsize="small")
-    return _save_figure(fig, path)
+def tables_html(df) -> str:
+    """The TABLES hook's tables, each under its title."""
+    parts = []
+    for table in TABLES:
+        made = table(df)
+        if made is not None:
+            title, frame = made
+            parts.append(f"<h2>{html.escape(title)}</h2>" + frame.to_html(classes="summary-table", border=0))
+    return "\n".join(parts)
 
 
-def image_metric_charts(df, out: Path) -> list[tuple[Path | None, str]]:
-    """The model's per-image metric (runner.metrics) by scheduler, one bar per guidance value where guidance was
-    swept (it moves prompt adherence most), else per steps value."""
-
-    bars = "guidance" if "guidance" in df and df["guidance"].nunique() > 1 else "steps"
-    return [(bar_chart(df, c, c.replace("_", " ").capitalize(), c, out / f"{c}.png", bars),
-             f"mean {c} per image by scheduler and {bars} (higher is better)") for c in QUALITY_COLUMNS if c in df]
-
-
-def convergence_plot(df, out: Path) -> Path | None:
-    """PSNR to the reference against steps, one line per scheduler: who gets closest in the fewest steps."""
-    from runner.results import pivot
-
-    if "psnr_to_ref" not in df:
-        return None
-    finite = df[df["psnr_to_ref"].apply(lambda v: v is not None and v == v and v != float("inf"))]
-    if finite.empty:
-        return None
-    table = pivot(finite, "psnr_to_ref", "steps", "scheduler")
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(8, 3.5))
-    table.plot(ax=ax, marker="o")
-    ax.set(xlabel="steps", ylabel="PSNR to reference (dB)", title="Convergence to the reference image")
-    ax.legend(title="scheduler", fontsize="small", ncol=2)
-    return _save_figure(fig, out / "convergence.png")
-
-
-def table_frame(df):
-    """The table's columns, in REPORT_COLUMNS order, with peak memory where recorded."""
-    shown = df.assign(job=[Path(p).name for p in df["job_dir"]],
-                      image=[Path(p).name if isinstance(p, str) and p else "" for p in df["image_path"]])
-    columns = [c for c in REPORT_COLUMNS if c in shown.columns] + peak_memory_columns(df)
-    return shown[columns]
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return "" if value != value else f"{value:.4g}"
-    return html.escape("" if value is None else str(value))
-
-
-def table_html(df) -> str:
-    frame = table_frame(df)
-    head = "".join(f"<th onclick='sortBy(this)'>{html.escape(c)}</th>" for c in frame.columns)
-    body = "\n".join("<tr>" + "".join(f"<td>{_cell(v)}</td>" for v in row) + "</tr>"
-                     for row in frame.itertuples(index=False))
-    return f"<table id='results'><thead><tr>{head}</tr></thead><tbody>\n{body}\n</tbody></table>"
-
-
-def _img(path: Path, caption: str) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return (f"<figure><img src='data:image/png;base64,{data}' alt='{html.escape(path.name)}'>"
-            f"<figcaption>{html.escape(caption)} <small>({html.escape(path.name)})</small></figcaption></figure>")
-
-
-PAGE = """<!doctype html>
-<html><head><meta charset="utf-8"><title>{title}</title>
-<style>
-body {{ font-family: sans-serif; margin: 1.5em; color: #222; }}
-figure {{ display: inline-block; margin: 0 1em 1em 0; vertical-align: top; }}
-img {{ max-width: 100%; border: 1px solid #ccc; image-rendering: pixelated; }}
-table {{ border-collapse: collapse; font-size: 12px; }}
-th, td {{ border: 1px solid #ccc; padding: 2px 6px; text-align: left; white-space: nowrap; }}
-td {{ max-width: 20em; overflow: hidden; text-overflow: ellipsis; }}
-th {{ background: #eee; cursor: pointer; position: sticky; top: 0; }}
-th.asc::after {{ content: " ▲"; }} th.desc::after {{ content: " ▼"; }}
-</style>
-<script>
-// Click a header to sort by that column (numbers as numbers); click again to reverse.
-function sortBy(th) {{
-  const table = th.closest('table'), index = [...th.parentNode.children].indexOf(th);
-  const ascending = !th.classList.contains('asc');
-  table.querySelectorAll('th').forEach(h => h.classList.remove('asc', 'desc'));
-  th.classList.add(ascending ? 'asc' : 'desc');
-  const value = row => {{ const t = row.children[index].textContent, n = parseFloat(t);
-                         return isNaN(n) || t.trim() === '' ? t : n; }};
-  const rows = [...table.tBodies[0].rows].sort((a, b) => {{
-    const x = value(a), y = value(b);
-    const order = typeof x === typeof y ? (x < y ? -1 : x > y ? 1 : 0) : (typeof x === 'number' ? -1 : 1);
-    return ascending ? order : -order; }});
-  rows.forEach(r => table.tBodies[0].appendChild(r));
-}}
-</script></head><body>
-<h1>{title}</h1>
-<p>{summary}</p>
-{sections}
-</body></html>
-"""
-
-
-def earlier_pictures(out: Path) -> list[str]:
-    """The PNGs an earlier report into `out` wrote, as its manifest names them (none without a manifest)."""
-    manifest = out / MANIFEST
-    names = manifest.read_text().splitlines() if manifest.is_file() else []
-    return [n for n in names if n.endswith(".png") and n == Path(n).name]  # bare file names: never outside `out`
-
-
-def write_report(df, out: Path, reference=None, reference_scheduler: str | None = None) -> Path:
-    """Write report.html and its PNGs into `out`, and the manifest naming those PNGs; returns the HTML's path."""
-    from runner.convergence import add_convergence
-
-    out.mkdir(parents=True, exist_ok=True)
-    earlier = earlier_pictures(out)
-    df = add_convergence(df, reference=reference, scheduler=reference_scheduler)
-    sections = []
-    grids = grid_files(df, out)
-    if grids:
-        sections.append("<h2>Image grids</h2>" + "".join(_img(path, caption) for caption, path in grids))
-    charts = [(schedule_plot(df, out), "sigma against step, one line per scheduler and steps value"),
-              (convergence_plot(df, out), "PSNR of each image to its reference (higher is closer)"),
-              (bar_chart(df, "time_per_image_s", "Time per image", "seconds", out / "time_per_image.png"),
-               "mean seconds per image"),
-              (bar_chart(df, "time_per_step_s", "Time per step", "seconds", out / "time_per_step.png"),
-               "mean denoising seconds per step and image")]
-    charts += image_metric_charts(df, out)
-    charts += [(bar_chart(df, c, c, c, out / f"{_slug(c)}.png"), c) for c in peak_memory_columns(df)]
-    charts = [(path, caption) for path, caption in charts if path is not None]
-    if charts:
-        sections.append("<h2>Charts</h2>" + "".join(_img(path, caption) for path, caption in charts))
-    sections.append("<h2>Results</h2><p>Click a column header to sort.</p>" + table_html(df))
-    sweeps = sorted(s for s in df["sweep"].unique() if s)
+def summary_line(df) -> str:
+    sweeps = list(dict.fromkeys(s for s in df["sweep"] if s))
     ok = int((df["status"] == "ok").sum())
     references = sorted({f"{s} at {n} steps" for s, n in zip(df.get("ref_scheduler", []), df.get("ref_steps", []))
                          if isinstance(s, str)})
-    summary = (f"{len(df)} image(s), {ok} ok, {len(df) - ok} failed; sweeps: {', '.join(sweeps) or '(single runs)'}; "
-               f"reference: {', '.join(references) or 'none'}")
-    page = PAGE.format(title=html.escape(f"Sweep report: {', '.join(sweeps) or 'runs'}"), summary=html.escape(summary),
-                       sections="\n".join(sections))
+    return (f"{len(df)} image(s), {ok} ok, {len(df) - ok} failed; sweeps: {', '.join(sweeps) or '(single runs)'}; "
+            f"reference: {', '.join(references) or 'none'}")
+
+
+def page_html(title: str, summary: str, data: dict, tables: str, grids: str) -> str:
+    """The page: the template with its styles, the viewer's script and data, and plotly.js, all inline."""
+    import plotly.offline
+
+    from runner.viewer import script_json
+
+    parts = {"TITLE": html.escape(title), "SUMMARY": html.escape(summary), "TABLES": tables, "GRIDS": grids,
+             "CSS": (ASSETS / "viewer.css").read_text(), "VIEWER_JS": (ASSETS / "viewer.js").read_text(),
+             "DATA": script_json(data), "PLOTLY_JS": plotly.offline.get_plotlyjs()}
+    # One pass over the template: text put in (plotly.js, the data) is never searched for placeholders again.
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: parts[m.group(1)], (ASSETS / "page.html").read_text())
+
+
+def earlier_files(out: Path) -> list[str]:
+    """The files an earlier report into `out` wrote, as its manifest names them (none without a manifest): PNGs
+    directly in `out` and files under its images/ folder, never a path that leaves `out`."""
+    from runner.viewer import IMAGES_DIR
+
+    manifest = out / MANIFEST
+    names = manifest.read_text().splitlines() if manifest.is_file() else []
+    return [n for n in names if n.endswith(".png") and ".." not in Path(n).parts and not Path(n).is_absolute()
+            and (n == Path(n).name or Path(n).parts[0] == IMAGES_DIR)]
+
+
+def remove_stale(out: Path, earlier: list[str], written: list[str]) -> None:
+    """Remove what an earlier report wrote and this one did not, and the folders of images/ that this leaves empty."""
+    for name in set(earlier) - set(written):
+        path = out / name
+        path.unlink(missing_ok=True)
+        for folder in path.parents:
+            if folder == out or out not in folder.parents:
+                break
+            try:
+                folder.rmdir()  # only when empty
+            except OSError:
+                break
+
+
+def write_report(df, out: Path, reference=None, reference_scheduler: str | None = None) -> Path:
+    """Write report.html, its grid PNGs and full images into `out`, and the manifest naming them; returns the
+    HTML's path."""
+    from runner.convergence import add_convergence
+    from runner.quality import report_section
+    from runner.viewer import viewer_data
+    from runner.viewer_charts import charts
+
+    out.mkdir(parents=True, exist_ok=True)
+    earlier = earlier_files(out)
+    converged = "ref_converged" in df and df["ref_converged"].notna().any()  # the sweep's own reference=auto
+    if reference is not None or not converged:
+        df = add_convergence(df, reference=reference, scheduler=reference_scheduler)
+    df = df.reset_index(drop=True)
+    sweeps = list(dict.fromkeys(s for s in df["sweep"] if s))
+    title = f"Sweep report: {', '.join(sweeps) or 'runs'}"
+    grids = grid_files(df, out)
+    data, placed = viewer_data(df, out)
+    data["charts"] = [{"name": name, "figure": json.loads(figure)} for name, figure in charts(df)]
+    # quality against NFE (runner.quality): Plotly figures and paper-style tables with intervals
+    page = page_html(title, summary_line(df), data, tables_html(df) + report_section(df), grids_html(grids))
     path = out / "report.html"
     atomic_write_bytes(path, page.encode())
-    pictures = [p.name for _, p in grids] + [p.name for p, _ in charts]
-    atomic_write_bytes(out / MANIFEST, "".join(f"{name}\n" for name in pictures).encode())
-    # Only pictures of an earlier report (grids with other axes ...): `--out` can name a dir of the user's own files.
-    for name in set(earlier) - set(pictures):
-        (out / name).unlink(missing_ok=True)
+    written = [p.name for _, p in grids] + placed
+    atomic_write_bytes(out / MANIFEST, "".join(f"{name}\n" for name in written).encode())
+    # Only files of an earlier report (grids with other axes ...): `--out` can name a dir of the user's own files.
+    remove_stale(out, earlier, written)
     return path
 
 
@@ -241,10 +148,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runner.report", description=__doc__.splitlines()[0])
     parser.add_argument("paths", nargs="+", type=Path, help="sweep dirs, job dirs or results trees")
     parser.add_argument("--out", type=Path, help="where report.html goes (default: <first PATH>/report)")
-    parser.add_argument("--reference", type=Path, help="a separate reference run (default: within the sweep)")
+    parser.add_argument("--reference", type=Path, help="a separate reference run, or auto: converged references "
+                                                         "(runner.reference; default: within the sweep)")
     parser.add_argument("--reference-scheduler", help="the reference scheduler (default: the one with most steps)")
     args = parser.parse_args(argv)
-    for path in args.paths + ([args.reference] if args.reference else []):
+    for path in args.paths + ([args.reference] if args.reference and str(args.reference) != "auto" else []):
         if not path.exists():
             print(f"error: path={str(path)!r} is not allowed: an existing sweep dir, job dir or results tree",
                   file=sys.stderr)

@@ -8,7 +8,7 @@ import logging
 import os
 from pathlib import Path
 
-from runner.columns import CONVERGENCE_COLUMNS
+from runner.columns import SWEEP_METRIC_COLUMNS
 from runner.jobdir import ROWS_FILE
 
 SWEEP_TABLE = "results.parquet"  # written by the sweep's callback (runner/callbacks.py) beside its job dirs
@@ -29,7 +29,7 @@ def load(*paths) -> "pandas.DataFrame":
     """One row per image from any number of job dirs, sweep dirs or results trees.
 
     Rows are read from each job's own `rows.parquet` (never from aggregated tables, so nothing counts twice); a
-    sweep job's rows get only the convergence columns (CONVERGENCE_COLUMNS) from its sweep's results.parquet.
+    sweep job's rows get only the sweep-level metric columns (SWEEP_METRIC_COLUMNS: convergence, FID/KID) from its sweep's results.parquet.
     `job_dir`, `sweep_dir` and `image_path` are rewritten to where the files are now, so a moved results tree
     still loads; `sweep` is the sweep dir's name; `origin` says what made the row: "run", "sweep" or "reproduce"
     (a re-run by `python -m runner.reproduce`). A rows file that cannot be read is skipped with a warning.
@@ -90,7 +90,7 @@ def convergence_by_image(sweep_dir: Path) -> dict:
     except Exception as err:
         log.warning(f"skipped {table_path}: not readable ({type(err).__name__}: {err})")
         return {}
-    columns = [c for c in CONVERGENCE_COLUMNS if c in table]
+    columns = [c for c in SWEEP_METRIC_COLUMNS if c in table]
     if not columns or not {"image_path", "image_sha256"} <= set(table.columns):
         return {}
     by_image = {}
@@ -157,3 +157,82 @@ def best(df, metric: str, by, lowest: bool = True):
     picked = rows[metric].groupby([rows[b] for b in by]).idxmin() if lowest else \
         rows[metric].groupby([rows[b] for b in by]).idxmax()
     return rows.loc[picked.values].reset_index(drop=True)
+
+
+# Quality against cost, with confidence (README "Quality against cost").
+SAMPLE_AXES = ("seed", "prompt")  # what varies between the images of one cell: resampled, never grouped by
+
+
+def cell_axes(df) -> list[str]:
+    """The axes that tell a sweep's cells apart: every AXES column with more than one value, except the sample axes
+    (seeds, prompts). A sweep over scheduler × steps gives ["scheduler", "steps"]; one cell gives ["scheduler"]."""
+    from runner.columns import AXES
+
+    varying = [a for a in AXES if a in df and a not in SAMPLE_AXES and df[a].nunique(dropna=False) > 1]
+    return varying or [a for a in ("scheduler",) if a in df]
+
+
+def summary(df, by=None, metrics=("prompt_adherence",), n_boot: int = 2000, seed: int = 0, level: float = 0.95):
+    """Per cell (a group of `by`, default `cell_axes(df)`) and metric: mean, bootstrap `level` CI and n.
+
+    The CI resamples the cell's images (its seeds and prompts) with replacement `n_boot` times and takes the
+    percentiles of the resampled means. Each cell and metric draws from its own generator seeded with `seed`, so
+    the result is deterministic and a cell's interval does not depend on which other cells are in `df`. Only ok rows
+    with a finite value count (the reference image's own PSNR is inf); a cell with fewer than 2 has no interval
+    (NaN), so it is never called different from another. One row per cell and metric, long format.
+    """
+    import numpy as np
+    import pandas as pd
+
+    by = cell_axes(df) if by is None else [by] if isinstance(by, str) else list(by)
+    metrics = [metrics] if isinstance(metrics, str) else list(metrics)
+    rows = ok_rows(df)
+    tail = (1 - level) / 2 * 100
+    out = []
+    for key, cell in rows.groupby(by, sort=True, dropna=False) if by else [((), rows)]:
+        key = key if isinstance(key, tuple) else (key,)
+        for metric in metrics:
+            values = pd.to_numeric(cell[metric], errors="coerce").to_numpy(dtype=float) if metric in cell else []
+            values = values[np.isfinite(values)] if len(values) else np.array([])
+            low = high = float("nan")
+            if len(values) >= 2:
+                picks = np.random.default_rng(seed).integers(0, len(values), size=(n_boot, len(values)))
+                low, high = np.percentile(values[picks].mean(axis=1), [tail, 100 - tail])
+            mean = float(values.mean()) if len(values) else float("nan")
+            out.append(dict(zip(by, key), metric=metric, mean=mean, ci_low=float(low), ci_high=float(high),
+                            n=len(values)))
+    return pd.DataFrame(out, columns=[*by, "metric", "mean", "ci_low", "ci_high", "n"])
+
+
+def different(a, b) -> bool:
+    """True only when two confidence intervals do not overlap. `a`, `b`: summary rows (with ci_low, ci_high) or
+    (low, high) pairs. An interval that is missing (NaN: fewer than 2 images) is never called different."""
+    import math
+
+    def interval(x):
+        return tuple(x) if isinstance(x, (tuple, list)) else (x["ci_low"], x["ci_high"])
+
+    (a_low, a_high), (b_low, b_high) = interval(a), interval(b)
+    if any(math.isnan(float(v)) for v in (a_low, a_high, b_low, b_high)):
+        return False
+    return a_low > b_high or b_low > a_high
+
+
+def frontier(df, quality: str, cost: str = "nfe", higher_is_better: bool = True, by=None):
+    """The non-dominated cells by their means: no other cell costs no more and is at least as good, and strictly
+    better in one of the two. One row per frontier cell (the `by` axes, default `cell_axes(df)`, then the mean
+    `cost` and `quality` and the cell's image count `n`), cheapest first. Cells without both means are left out.
+    `cost`: "nfe" (model evaluations per image) or "time_per_image_s" (or any per-image column)."""
+    import numpy as np
+    import pandas as pd
+
+    by = cell_axes(df) if by is None else [by] if isinstance(by, str) else list(by)
+    rows = ok_rows(df)
+    rows = rows.assign(**{c: pd.to_numeric(rows[c], errors="coerce") for c in (quality, cost)})
+    rows = rows[np.isfinite(rows[quality]) & np.isfinite(rows[cost])]
+    cells = rows.groupby(by, sort=True, dropna=False).agg(**{cost: (cost, "mean"), quality: (quality, "mean"),
+                                                             "n": (quality, "size")}).reset_index()
+    c = cells[cost].to_numpy()
+    q = cells[quality].to_numpy() if higher_is_better else -cells[quality].to_numpy()
+    dominated = [bool(((c <= c[i]) & (q >= q[i]) & ((c < c[i]) | (q > q[i]))).any()) for i in range(len(cells))]
+    return cells[~np.array(dominated, dtype=bool)].sort_values([cost, quality], kind="stable").reset_index(drop=True)

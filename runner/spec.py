@@ -5,6 +5,7 @@ Nothing downstream of `make_spec` sees OmegaConf: the spec holds plain Python va
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,17 +13,44 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 from runner import families
-from runner.checks import as_int, as_list, as_number, fail
+from runner.checks import ConfigError, as_int, as_list, as_number, fail
 from runner.metrics import METRICS
-from runner.schedulers import ALLOWED_SCHEDULERS
+from runner.precision import DTYPES as TORCH_DTYPES
+from runner.schedulers import ALLOWED_SCHEDULERS, K_BACKEND, check_k_backend, check_schedule, check_single_step
 
 MAX_SEED = 2**63 - 1
+MAX_STEPS = 10_000  # far beyond any sampler's use (1000 training timesteps), far below an overflow
+MAX_SIDE = 16_384  # pixels per side; the area has its own budget (MAX_PIXELS)
+# Pixels per image: 4096x4096 (SD at 512x512 is 1/64 of it). Larger sizes were refused only by the allocator, after
+# the model loaded; attention memory grows with the square of the pixels.
+MAX_PIXELS = 4096 * 4096
+# Beyond these the loop's numbers overflow to NaN (guidance=1e30 drew all-NaN latents and a black PNG recorded as
+# ok); the bounds sit far above any useful setting.
+MAX_GUIDANCE = 100.0
+MAX_ETA = 1.0  # DDIM's eta: 0 deterministic, 1 DDPM-like; above 1 its noise term asks for a negative variance
+MAX_SHIFT = 100.0
 DEVICES = "auto | cpu | cuda | cuda:N"
-DTYPES = ("auto", "fp32", "fp16", "bf16")
+DTYPES = ("auto", *TORCH_DTYPES)  # precision.dtype: auto, or a name runner.precision maps to torch
 
 
 # The only classes a config may name with `_target_` (Hydra instantiates hydra.callbacks itself).
 ALLOWED_TARGETS = frozenset({"runner.callbacks.SweepResults"})
+
+
+def refuse_non_finite(config, where: str = "") -> None:
+    """inf or NaN anywhere in the config is refused: no setting means it, and it silently draws NaN images."""
+    items = config.items() if isinstance(config, dict) else enumerate(config) if isinstance(config, list) else []
+    for key, value in items:
+        path = f"{where}.{key}" if where else str(key)
+        if isinstance(value, float) and not math.isfinite(value):
+            fail(path, value, "a finite number")
+        refuse_non_finite(value, path)
+
+
+def at_most(key: str, value: float, high: float, allowed: str) -> float:
+    if value > high:
+        fail(key, value, allowed)
+    return value
 
 
 def refuse_unknown_targets(config: dict, where: str = "") -> None:
@@ -46,6 +74,8 @@ class ModelInfo:
     index_path: str
     pipeline_config: dict  # model_index.json's settings beside its components (force_zeros_for_empty_prompt ...)
     scheduler_config: dict  # the model's scheduler_config.json
+    facts: dict  # Family.facts: what the family's checks need from the component configs
+    components: tuple[str, ...]  # the components model_index.json names (not null)
 
 
 @dataclass(frozen=True)
@@ -80,6 +110,14 @@ class Spec:
     precision_options: dict = field(default_factory=dict)  # runner.precision: tf32, channels_last, compile ...
     family_options: dict = field(default_factory=dict)  # the family's own config node (Family.options_key)
     pipeline_config: dict = field(default_factory=dict)  # model_index.json's settings beside its components
+    schedule: str = "default"  # the spacing axis (conf/schedule); karras/exponential/beta are in scheduler_kwargs
+    schedule_timesteps: tuple | None = None  # custom timesteps for set_timesteps (runner.sampling.set_schedule)
+    schedule_sigmas: tuple | None = None  # custom sigmas, ending with the final one
+    model_facts: dict = field(default_factory=dict)  # Family.facts (e.g. guidance_embedded)
+    model_components: tuple = ()  # the components model_index.json names: an optional one (SD3's T5) may be absent
+    scheduler_backend: str = "diffusers"  # or k-diffusion (runner.ksampling)
+    k_sampler: dict = field(default_factory=dict)  # k-diffusion: sampler, noise_sampler, quantize
+    shift: float | None = None  # a flow model's static shift as swept (null: the model's own); in scheduler_kwargs
 
 
 def resolve_device(device: str) -> str:
@@ -159,6 +197,7 @@ def read_model_info(name_or_path: str, revision: str | None, vae: str | None) ->
 
     try:
         multiple, default_size = family.size_rule(read_config)
+        facts = family.facts(read_config)
     except (KeyError, TypeError, ValueError, IndexError) as err:
         fail(key, name_or_path, f"its component configs lack what {family.pipeline} needs to size an image "
              f"({type(err).__name__}: {err}); save the model again with save_pretrained()")
@@ -168,7 +207,8 @@ def read_model_info(name_or_path: str, revision: str | None, vae: str | None) ->
     except Exception:
         fail(key, name_or_path, "it has no readable scheduler/scheduler_config.json; save the model with save_pretrained()")
     return ModelInfo(family, multiple, default_size, _hub_commit(index_path) or _local_fingerprint(name_or_path),
-                     index_path, pipeline_config, scheduler_config)
+                     index_path, pipeline_config, scheduler_config, facts,
+                     tuple(families.component_classes(index)))
 
 
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -241,22 +281,26 @@ def scheduler_kwargs(name: str, class_name: str | None, kwargs: dict, family, mo
     if shift is None:
         return kwargs
     as_number("shift", shift, 0, "a number > 0 (the static timestep shift of a flow-matching schedule), or null")
-    if not shift > 0:
-        fail("shift", shift, "a number > 0 (the static timestep shift of a flow-matching schedule), or null")
+    if not 0 < shift <= MAX_SHIFT:
+        fail("shift", shift, f"a number in (0, {MAX_SHIFT:g}] (the static timestep shift of a flow-matching "
+             "schedule), or null")
     if model_scheduler.get("use_dynamic_shifting"):
         fail("shift", shift, "null: this model shifts its schedule by the image size (use_dynamic_shifting); the "
              "mu it used is in every row (shift_mu)")
     return {**kwargs, ("flow_shift" if kwargs.get("use_flow_sigmas") else "shift"): float(shift)}
 
 
-def make_spec(cfg: DictConfig) -> Spec:
-    """Check every value of a composed config and return the plain spec a job runs from."""
+def make_spec(cfg: DictConfig, model_files: dict | None = None) -> Spec:
+    """Check every value of a composed config and return the plain spec a job runs from. `model_files`: a dict
+    that keeps what the model's files said between calls (a dry run checks thousands of points of a few models)."""
     refuse_unknown_targets(OmegaConf.to_container(cfg, resolve=False))
     c = OmegaConf.to_container(cfg, resolve=True)
     model, sched, prec, sampling = c["model"], c["scheduler"], c["precision"], c["sampling"]
 
-    steps = as_int("steps", c["steps"], 1, None, "an integer >= 1")
+    steps = as_int("steps", c["steps"], 1, MAX_STEPS, f"an integer >= 1, at most {MAX_STEPS}")
+    refuse_non_finite({k: v for k, v in c.items() if k != "hydra"})
     guidance = as_number("guidance", c["guidance"], 0, "a number >= 0 (<= 1 turns classifier-free guidance off)")
+    at_most("guidance", guidance, MAX_GUIDANCE, f"a number in 0..{MAX_GUIDANCE:g} (larger scales overflow to NaN)")
     seeds = as_list(c["seed"])
     if not seeds:
         fail("seed", c["seed"], "an integer in 0..2^63-1 or a non-empty list of them")
@@ -269,7 +313,8 @@ def make_spec(cfg: DictConfig) -> Spec:
     if not isinstance(negative_prompt, str):
         fail("negative_prompt", negative_prompt, "a string")
     batch_size = as_int("sampling.batch_size", sampling["batch_size"], 1, None, "an integer >= 1")
-    eta = as_number("sampling.eta", sampling["eta"], 0, "a number >= 0")
+    eta = at_most("sampling.eta", as_number("sampling.eta", sampling["eta"], 0, "a number >= 0"), MAX_ETA,
+                  f"a number in 0..{MAX_ETA:g} (0: deterministic DDIM, 1: DDPM-like noise)")
     class_name = sched["class_name"]
     if class_name is not None and class_name not in ALLOWED_SCHEDULERS:
         fail("scheduler.class_name", class_name, "one of " + ", ".join(sorted(ALLOWED_SCHEDULERS)))
@@ -288,22 +333,42 @@ def make_spec(cfg: DictConfig) -> Spec:
     if dtype == "fp16" and c["device"] == "cpu":
         resolve_dtype(dtype, "cpu")
 
-    info = read_model_info(model["name_or_path"], model.get("revision"), model.get("vae"))
-    for key, path in (("model.name_or_path", model["name_or_path"]), ("model.vae", model.get("vae"))):
-        if path and Path(path).is_dir():
-            check_local_weights(Path(path), bool(model.get("allow_pickle")), key)
+    files_key = (model["name_or_path"], model.get("revision"), model.get("vae"), bool(model.get("allow_pickle")))
+    info = (model_files or {}).get(files_key) or read_model_info(model["name_or_path"], model.get("revision"),
+                                                                 model.get("vae"))
+    if files_key not in (model_files or {}):
+        for key, path in (("model.name_or_path", model["name_or_path"]), ("model.vae", model.get("vae"))):
+            if path and Path(path).is_dir():
+                check_local_weights(Path(path), bool(model.get("allow_pickle")), key)
+    if model_files is not None:
+        model_files[files_key] = info
     sizes = {}
     for key in ("height", "width"):
         value = c[key]
         if value is None:
             value = info.default_size
-        as_int(key, value, 1, None, f"a positive multiple of {info.size_multiple} (the model's latent scale)")
+        as_int(key, value, 1, MAX_SIDE, f"a positive multiple of {info.size_multiple} (the model's latent scale), "
+               f"at most {MAX_SIDE}")
         if value % info.size_multiple:
             fail(key, value, f"a positive multiple of {info.size_multiple} (the model's latent scale)")
         sizes[key] = value
+    if sizes["height"] * sizes["width"] > MAX_PIXELS:
+        raise ConfigError(f"height x width={sizes['height']}x{sizes['width']} is not allowed: at most {MAX_PIXELS} "
+                          f"pixels per image (4096x4096); the latents and activations of larger images do not fit "
+                          "in memory")
 
     family = info.family
     kwargs = scheduler_kwargs(sched["name"], class_name, kwargs, family, info.scheduler_config, c.get("shift"))
+    schedule = c.get("schedule") or {"name": "default"}  # configs saved before the axis existed
+    backend = sched.get("backend", "diffusers")
+    if backend not in ("diffusers", K_BACKEND):
+        fail("scheduler.backend", backend, f"diffusers or {K_BACKEND}")
+    k_sampler = check_k_backend(sched, kwargs, family, info.scheduler_config) if backend == K_BACKEND else {}
+    kwargs, schedule_timesteps, schedule_sigmas = check_schedule(
+        schedule, sched["name"], class_name, kwargs, family, info.scheduler_config, steps, backend)
+    if steps == 1 and not family.flow and backend == "diffusers":
+        check_single_step(sched["name"], class_name, kwargs, info.scheduler_config, schedule_timesteps,
+                          schedule_sigmas)
     if not family.conditional:  # no text encoder: prompts would only duplicate images and mislabel rows
         prompts, negative_prompt = [""], ""
     metric, clip_model = model.get("metric"), model.get("clip_model")
@@ -324,7 +389,10 @@ def make_spec(cfg: DictConfig) -> Spec:
         progress=bool(sampling["progress"]), init_image=init_image, strength=strength,
         precision_options=check_options(prec, device, family), metric=metric, clip_model=clip_model,
         family_options=dict(c.get(family.options_key) or {}) if family.options_key else {},
-        pipeline_config=info.pipeline_config,
+        pipeline_config=info.pipeline_config, schedule=schedule["name"], schedule_timesteps=schedule_timesteps,
+        schedule_sigmas=schedule_sigmas, model_facts=info.facts, model_components=info.components,
+        scheduler_backend=backend, k_sampler=k_sampler,
+        shift=None if c.get("shift") is None else float(c["shift"]),
     )
     family.check(spec)
     return spec

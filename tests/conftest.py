@@ -1,3 +1,4 @@
+import contextlib
 import os
 import subprocess
 import sys
@@ -53,7 +54,28 @@ FLOW_SCHEDULERS = {
                                                       "use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
     "flow_unipc": ("UniPCMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction"}),
 }
-SCHEDULER_OPTIONS = {**VP_SCHEDULERS, **FLOW_SCHEDULERS}
+# Few-step samplers (README, Few-step models): LCM, and TCD (its gamma is sampling.eta, a step argument).
+FEW_STEP_SCHEDULERS = {
+    "lcm": ("LCMScheduler", {}),
+    "tcd": ("TCDScheduler", {}),
+}
+# k-diffusion's sampler functions (README, k-diffusion samplers): option → (function, the noise its steps draw: none,
+# each image's generator or a Brownian tree seeded with its seed; model calls per step but the last, which is one).
+K_SAMPLERS = {
+    "k_euler": ("sample_euler", None, 1),
+    "k_euler_a": ("sample_euler_ancestral", "generator", 1),
+    "k_heun": ("sample_heun", None, 2),
+    "k_dpm_2": ("sample_dpm_2", None, 2),
+    "k_lms": ("sample_lms", None, 1),
+    "k_dpmpp_2m": ("sample_dpmpp_2m", None, 1),
+    "k_dpmpp_sde": ("sample_dpmpp_sde", "brownian", 2),
+    "k_dpmpp_2m_sde": ("sample_dpmpp_2m_sde", "brownian", 1),
+    "k_dpmpp_3m_sde": ("sample_dpmpp_3m_sde", "brownian", 1),
+}
+# The schedule axis (README, Sigma spacing): the kwarg a diffusers scheduler gets for each spacing.
+SPACINGS = {"karras": "use_karras_sigmas", "exponential": "use_exponential_sigmas", "beta": "use_beta_sigmas"}
+# Every option; a k-diffusion option is given the model's own scheduler (its alphas_cumprod and prediction type).
+SCHEDULER_OPTIONS = {**VP_SCHEDULERS, **FEW_STEP_SCHEDULERS, **FLOW_SCHEDULERS, **{k: (None, {}) for k in K_SAMPLERS}}
 
 
 def scheduler_by_hand(model_config: dict, option: str, **overrides):
@@ -100,6 +122,30 @@ def run_job_in(tmp_path, *overrides):
         overrides = (*overrides, "device=cpu")
     cfg = compose_config(*overrides, "sampling.progress=false")
     return draw(make_spec(cfg), Path(tmp_path), standalone(cfg, tmp_path, " ".join(overrides)))
+
+
+def assert_same_image(ours: np.ndarray, theirs: np.ndarray):
+    """The parity bound: uint8 images equal within 1/255 per pixel."""
+    assert ours.shape == theirs.shape
+    diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
+    assert diff <= 1, f"max pixel difference {diff}/255"
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """A pipeline's `output_type="np"` images ([0, 1] floats) as the uint8 the PNGs hold."""
+    return (images * 255).round().astype("uint8")
+
+
+@contextlib.contextmanager
+def small_disk(directory: Path, size: str):
+    """A real filesystem of `size` (a tmpfs; root only) mounted at `directory`, so that a disk fills for real."""
+    directory.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(directory)]).returncode != 0:
+        pytest.skip("tmpfs mount refused here")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)])
 
 
 def read_png(path) -> np.ndarray:

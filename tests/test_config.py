@@ -1,8 +1,11 @@
 """Config composition (Hydra compose API) and the checks that run before any model loads."""
 
+import importlib.util
+
 import pytest
 
-from conftest import CONF_DIR, FLOW_SCHEDULERS, SCHEDULER_OPTIONS, compose_config, scheduler_by_hand
+from conftest import (CONF_DIR, FLOW_SCHEDULERS, K_SAMPLERS, SCHEDULER_OPTIONS, SPACINGS, compose_config,
+                      scheduler_by_hand)
 from runner.schedulers import build_scheduler
 from runner.checks import ConfigError
 from runner.spec import make_spec
@@ -22,18 +25,27 @@ def test_every_group_has_its_options():
 def test_defaults():
     cfg = compose_config()
     assert (cfg.model.name, cfg.scheduler.name, cfg.precision.name) == ("digits-sd", "default", "auto")
+    assert (cfg.schedule.name, cfg.schedule.timesteps, cfg.schedule.sigmas) == ("default", None, None)
     assert cfg.model.metric == "digits" and cfg.prompt == "a handwritten digit seven"
     assert cfg.negative_prompt == "" and cfg.seed == 0 and cfg.device == "auto"
+
+
+K_INSTALLED = importlib.util.find_spec("k_diffusion") is not None
+K_NOISE = {None: None, "generator": "generators", "brownian": "brownian_tree"}  # runner.ksampling's names for them
 
 
 @pytest.mark.parametrize("option", options("scheduler"))
 def test_scheduler_options_build_the_readme_class_and_kwargs(option):
     """Each option builds, from the model's own scheduler config, exactly the scheduler a user builds with diffusers
-    from the README's mapping (conftest.SCHEDULER_OPTIONS, written by hand). VP options on digits-sd and on
-    tiny-ddpm (whose DDPM config leaves PNDM's skip_prk_steps unset), flow options on tiny-sd3."""
+    from the README's mapping (conftest.SCHEDULER_OPTIONS, written by hand), and a k_* option runs the README's
+    k-diffusion function (conftest.K_SAMPLERS). VP options on digits-sd and on tiny-ddpm (whose DDPM config leaves
+    PNDM's skip_prk_steps unset), flow options on tiny-sd3."""
     import diffusers
 
-    models = ["tiny-sd3"] if option in FLOW_SCHEDULERS else ["digits-sd", "tiny-ddpm"]
+    if option in K_SAMPLERS and not K_INSTALLED:
+        pytest.skip("k-diffusion is not installed")
+    models = ["tiny-sd3"] if option in FLOW_SCHEDULERS else ["digits-sd"] if option in K_SAMPLERS else [
+        "digits-sd", "tiny-ddpm"]
     for model in models:
         spec = make_spec(compose_config(f"model={model}", f"scheduler={option}", "device=cpu"))
         model_config = diffusers.DDPMScheduler.load_config(spec.name_or_path, subfolder="scheduler")
@@ -42,6 +54,28 @@ def test_scheduler_options_build_the_readme_class_and_kwargs(option):
         assert type(scheduler) is type(expected)
         assert dict(scheduler.config) == dict(expected.config)  # every setting: the option's and the model's
         assert spec.scheduler == option  # the option name, as typed
+        if option in K_SAMPLERS:
+            function, noise, _ = K_SAMPLERS[option]
+            assert (spec.scheduler_backend, spec.k_sampler) == (
+                "k-diffusion", {"sampler": function, "noise_sampler": K_NOISE[noise], "quantize": False})
+        else:
+            assert (spec.scheduler_backend, spec.k_sampler) == ("diffusers", {})
+
+
+@pytest.mark.parametrize("schedule", options("schedule"))
+def test_schedule_options_give_the_readme_spacing(schedule):
+    """README, Sigma spacing: the kwarg each spacing sets (conftest.SPACINGS, by hand), diffusers' own AYS sigmas,
+    and polyexponential for the k_* options only."""
+    from diffusers.schedulers import AysSchedules
+
+    if schedule == "polyexponential" and not K_INSTALLED:
+        pytest.skip("k-diffusion is not installed")
+    scheduler = "k_euler" if schedule == "polyexponential" else "euler"
+    spec = make_spec(compose_config("model=digits-sd", f"scheduler={scheduler}", f"schedule={schedule}", "steps=10",
+                                    "device=cpu"))
+    assert spec.schedule == schedule and spec.schedule_timesteps is None
+    assert spec.scheduler_kwargs == ({SPACINGS[schedule]: True} if schedule in SPACINGS else {})
+    assert spec.schedule_sigmas == (tuple(AysSchedules["StableDiffusionSigmas"]) if schedule == "ays" else None)
 
 
 def test_scheduler_kwargs_override_from_the_command_line():
@@ -122,7 +156,7 @@ def test_directory_without_model_index_and_unsupported_family(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionXLPipeline", '
                                                '"unet": ["diffusers", "UNet2DConditionModel"], '
                                                '"text_encoder_2": ["transformers", "CLIPTextModelWithProjection"]}')
-    with pytest.raises(ConfigError, match="not a supported family; supported: unconditional .* stable-diffusion .* sdxl"):
+    with pytest.raises(ConfigError, match="not a supported family; supported: unconditional .* stable-diffusion .* sdxl .* sd3 .* flux"):
         make_spec(compose_config(f"model.name_or_path={tmp_path}"))
 
 

@@ -13,16 +13,14 @@ import torch
 from runner import EMBEDDED_MODELS_DIR
 from runner.digits import (digit_from_prompt, digit_prompt, load_digit_split, render_digits, score_digits)
 
+from conftest import to_uint8
+
 SEEDS = (0, 1, 2)
 DIGITS = [d for d in range(10) for _ in SEEDS]
 
 
 def generators(n_repeats, seeds=SEEDS):
     return [torch.Generator("cpu").manual_seed(s) for _ in range(n_repeats) for s in seeds]
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    return (images * 255).round().astype(np.uint8)
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,8 @@ from runner.families import flux, sd3
 from runner.sampling import Tally
 from runner.checks import ConfigError
 
+from conftest import assert_same_image
+
 STEPS = 5
 PROMPT, NEGATIVE, SEED = "a red cube on a table", "blurry", 11
 
@@ -85,12 +87,6 @@ def theirs(pipe, option, seed, **call):
         images = pipe(PROMPT, height=64, width=64, num_inference_steps=STEPS, generator=generator, output_type="np",
                       **call).images
     return (images * 255).round().astype("uint8")
-
-
-def assert_same_image(ours_image, theirs_image):
-    assert ours_image.shape == theirs_image.shape
-    diff = np.abs(ours_image.astype(int) - theirs_image.astype(int)).max()
-    assert diff <= 1, f"max pixel difference {diff}/255"
 
 
 def without_t5(src: Path, dst: Path) -> Path:
@@ -307,3 +303,21 @@ def test_which_schedulers_take_sigmas_and_mu():
     assert takes("FlowMatchHeunDiscreteScheduler") == (False, False)
     assert takes("DPMSolverMultistepScheduler") == (False, True)
     assert takes("UniPCMultistepScheduler") == (True, True)
+
+
+def test_the_runner_loads_an_sd3_without_t5_and_refuses_a_broken_t5(sd3_models, tmp_path):
+    """T5 is optional where model_index.json leaves it out; where it names it, a T5 that does not load is an error,
+    never silently dropped (which would draw other images under the same model name)."""
+    from conftest import run_job_in
+    from runner.components import clear_cache
+
+    no_t5 = sd3_models[False][0]
+    rows = run_job_in(tmp_path / "no-t5", "model=tiny-sd3", f"model.name_or_path={no_t5}", "steps=2")
+    assert [r["status"] for r in rows] == ["ok"]
+    broken = tmp_path / "broken-t5"
+    shutil.copytree(sd3_models[True][0], broken)
+    weights, = (broken / "text_encoder_3").glob("*.safetensors")
+    weights.unlink()  # named in model_index.json, but not there
+    clear_cache()
+    rows = run_job_in(tmp_path / "broken", "model=tiny-sd3", f"model.name_or_path={broken}", "steps=2")
+    assert rows[0]["status"] == "failed" and "could not load text_encoder_3" in rows[0]["error"]

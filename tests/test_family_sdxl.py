@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VP_SCHEDULERS, unet_rows
+from conftest import VP_SCHEDULERS, assert_same_image, unet_rows
 from runner import embedded_model_path
 from runner.families.sdxl import FAMILY
 from runner.sampling import Tally
@@ -99,12 +99,6 @@ def theirs(pipe, spec, seed, option="euler", prompt=PROMPT, **kwargs):
                  guidance_scale=spec.guidance, height=spec.height, width=spec.width,
                  generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **kwargs).images[0]
     return (image * 255).round().astype("uint8")
-
-
-def assert_same_image(ours_image, theirs_image):
-    assert ours_image.shape == theirs_image.shape
-    diff = np.abs(ours_image.astype(int) - theirs_image.astype(int)).max()
-    assert diff <= 1, f"max pixel difference {diff}/255"
 
 
 @pytest.mark.parametrize("option", SCHEDULERS)

@@ -10,21 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import VP_SCHEDULERS, compose_config, read_png, run_job_in, scheduler_for, unet_rows
+from conftest import (VP_SCHEDULERS, assert_same_image, compose_config, read_png, run_job_in, scheduler_for, to_uint8,
+                      unet_rows)
 from runner import embedded_model_path
 
 SCHEDULERS = list(VP_SCHEDULERS)  # every option for Stable Diffusion and DDPM models
 STEPS = 8
-
-
-def to_uint8(images: np.ndarray) -> np.ndarray:
-    return (images * 255).round().astype("uint8")
-
-
-def assert_same_image(ours: np.ndarray, theirs: np.ndarray):
-    assert ours.shape == theirs.shape
-    diff = np.abs(ours.astype(int) - theirs.astype(int)).max()
-    assert diff <= 1, f"max pixel difference {diff}/255"
 
 
 @pytest.fixture(scope="module")

@@ -53,9 +53,9 @@ def test_module_options_are_part_of_the_cache_key_and_tf32_is_not():
 
 
 def test_tf32_is_set_per_job_and_does_not_leak(tmp_path):
-    run_job_in(tmp_path / "on", "steps=1", "precision.tf32=true")
+    run_job_in(tmp_path / "on", "steps=2", "precision.tf32=true")  # steps=1 is refused with leading spacing
     assert torch.backends.cuda.matmul.allow_tf32 is True
-    row = run_job_in(tmp_path / "off", "steps=1")[0]
+    row = run_job_in(tmp_path / "off", "steps=2")[0]
     assert torch.backends.cuda.matmul.allow_tf32 is False and row["precision_tf32"] is False
 
 

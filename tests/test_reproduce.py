@@ -1,3 +1,4 @@
+import os
 import re
 import shutil
 import subprocess
@@ -43,8 +44,13 @@ def test_reproduce_reports_differences_and_environment(small_sweep, tmp_path):
     rows["torch_version"] = "1.0.0"  # recorded by another install
     rows.to_parquet(job / "rows.parquet")
 
-    result = run_reproduce(job, "--out", tmp_path / "again", cwd=tmp_path)
+    result = run_reproduce(job, cwd=tmp_path)  # README: default out results/reproduce/<time>/ where it is run
     assert result.returncode == 1, result.stdout + result.stderr
+    out, = (tmp_path / "results" / "reproduce").iterdir()
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", out.name)
+    new_rows = pd.read_parquet(out / "rows.parquet")  # the redrawn images are the recorded ones, not the edited one
+    assert list(new_rows["image_sha256"]) == list(rows["image_sha256"])
+    assert all((out / p).is_file() for p in new_rows["image_path"])
     lines = result.stdout.splitlines()
     assert "  identical images/000_seed0.png" in "\n".join(lines)
     differs = next(line for line in lines if line.startswith("  DIFFERS images/001_seed1.png"))
@@ -54,19 +60,6 @@ def test_reproduce_reports_differences_and_environment(small_sweep, tmp_path):
     assert "0/1 job(s) reproduced identically" in result.stdout
 
 
-@pytest.mark.slow
-def test_reproduce_writes_to_its_default_out_under_the_current_directory(small_sweep, tmp_path):
-    job = small_sweep / "2"
-    result = run_reproduce(job, cwd=tmp_path)
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert "1/1 job(s) reproduced identically" in result.stdout
-    out, = (tmp_path / "results" / "reproduce").iterdir()  # results/reproduce/<time>/
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", out.name)
-    new_rows = pd.read_parquet(out / "rows.parquet")
-    assert list(new_rows["image_sha256"]) == list(pd.read_parquet(job / "rows.parquet")["image_sha256"])
-    assert all((out / p).is_file() for p in new_rows["image_path"])
-
-
 def test_reproduce_bad_path(tmp_path):
     result = run_reproduce(tmp_path / "missing", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr
@@ -74,11 +67,14 @@ def test_reproduce_bad_path(tmp_path):
 
 
 @pytest.mark.slow
-def test_plain_hydra_reruns_a_saved_job_config(small_sweep, tmp_path):
+@pytest.mark.parametrize("path_form", ["absolute", "relative"])
+def test_plain_hydra_reruns_a_saved_job_config(small_sweep, tmp_path, path_form):
     job = small_sweep / "1"
     saved = OmegaConf.load(job / ".hydra" / "config.yaml")
     assert saved.hydra.callbacks.sweep_results._target_ == "runner.callbacks.SweepResults"
-    result = run_cli("--config-path", str(job / ".hydra"), "--config-name", "config", cwd=tmp_path)
+    # as the README shows it: a path relative to where the user stands
+    config_path = str(job / ".hydra") if path_form == "absolute" else os.path.relpath(job / ".hydra", tmp_path)
+    result = run_cli("--config-path", config_path, "--config-name", "config", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     (new_job,) = (tmp_path / "results" / "runs").iterdir()  # our run dir, not Hydra's default outputs/
     new_rows, old_rows = pd.read_parquet(new_job / "rows.parquet"), pd.read_parquet(job / "rows.parquet")

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import REPO, compose_config, run_cli, run_job_in
+from conftest import compose_config, run_cli, run_job_in, small_disk
 from runner import embedded_model_path
 from runner.checks import ConfigError
 from runner.spec import make_spec
@@ -132,19 +132,16 @@ def test_a_full_disk_fails_the_point_and_keeps_earlier_rows(tmp_path):
     assert len(pd.read_parquet(sweep / "0" / "rows.parquet")) == 1  # earlier rows intact
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A real 1 MiB filesystem (tmpfs), mounted for the test: filling it gives the kernel's own ENOSPC."""
-    if os.geteuid() != 0 or not shutil.which("mount"):
-        pytest.skip("mounting a tmpfs needs root")
-    disk = tmp_path / "disk"
-    disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)]).returncode != 0:
-        pytest.skip("tmpfs mount refused here")
-    try:
-        yield disk
-    finally:
-        subprocess.run(["umount", str(disk)], check=True)
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
+def test_atomic_write_on_a_really_full_filesystem_keeps_the_old_file(tmp_path):
+    from runner.record import atomic_write_bytes
+
+    with small_disk(tmp_path / "disk", "64k") as disk:
+        atomic_write_bytes(disk / "rows.parquet", b"old rows")
+        with pytest.raises(OSError, match="No space left"):
+            atomic_write_bytes(disk / "rows.parquet", b"x" * 200_000)
+        assert (disk / "rows.parquet").read_bytes() == b"old rows"
+        assert [p.name for p in disk.iterdir()] == ["rows.parquet"]  # no temp file left behind
 
 
 def fill(disk: Path) -> Path:
@@ -161,31 +158,23 @@ def fill(disk: Path) -> Path:
     return filler
 
 
-def test_atomic_write_on_a_really_full_filesystem_keeps_the_old_file(small_disk):
-    from runner.record import atomic_write_bytes
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
+def test_a_really_full_disk_fails_the_point_and_leaves_earlier_files_intact(tmp_path):
+    with small_disk(tmp_path / "disk", "1m") as disk:
+        earlier = run_job_in(disk / "0", "model=tiny-sd", "steps=2", "seed=[0,1]")
+        assert [r["status"] for r in earlier] == ["ok", "ok"]
+        files = {p: p.read_bytes() for p in (disk / "0").rglob("*") if p.is_file()}
+        filler = fill(disk)
 
-    atomic_write_bytes(small_disk / "rows.parquet", b"old rows")
-    with pytest.raises(OSError, match="No space left"):
-        atomic_write_bytes(small_disk / "rows.parquet", b"x" * 2_000_000)
-    assert (small_disk / "rows.parquet").read_bytes() == b"old rows"
-    assert [p.name for p in small_disk.iterdir()] == ["rows.parquet"]  # no temp file left behind
+        rows = run_job_in(disk / "1", "model=tiny-sd", "steps=2", "seed=[0,1]")
+        assert [r["status"] for r in rows] == ["failed", "failed"]
+        assert all("No space left on device" in r["error"] for r in rows)
+        assert {p: p.read_bytes() for p in (disk / "0").rglob("*") if p.is_file()} == files  # intact
+        assert not [p for p in disk.rglob("*") if p.is_file() and p.name.endswith(".tmp")]  # no half-written file
+        assert not list((disk / "1").glob("images/*.png"))
 
-
-def test_a_really_full_disk_fails_the_point_and_leaves_earlier_files_intact(small_disk):
-    earlier = run_job_in(small_disk / "0", "model=tiny-sd", "steps=2", "seed=[0,1]")
-    assert [r["status"] for r in earlier] == ["ok", "ok"]
-    files = {p: p.read_bytes() for p in (small_disk / "0").rglob("*") if p.is_file()}
-    filler = fill(small_disk)
-
-    rows = run_job_in(small_disk / "1", "model=tiny-sd", "steps=2", "seed=[0,1]")
-    assert [r["status"] for r in rows] == ["failed", "failed"]
-    assert all("No space left on device" in r["error"] for r in rows)
-    assert {p: p.read_bytes() for p in (small_disk / "0").rglob("*") if p.is_file()} == files  # intact
-    assert not [p for p in small_disk.rglob("*") if p.is_file() and p.name.endswith(".tmp")]  # no half-written file
-    assert not list((small_disk / "1").glob("images/*.png"))
-
-    filler.unlink()  # space again: the point runs
-    assert [r["status"] for r in run_job_in(small_disk / "1", "model=tiny-sd", "steps=2", "seed=[0,1]")] == ["ok"] * 2
+        filler.unlink()  # space again: the point runs
+        assert [r["status"] for r in run_job_in(disk / "1", "model=tiny-sd", "steps=2", "seed=[0,1]")] == ["ok"] * 2
 
 
 @pytest.mark.slow

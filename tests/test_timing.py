@@ -87,13 +87,13 @@ def test_readme_documents_every_column(two_jobs):
 
 def test_text_embeddings_computed_once_per_prompt():
     from runner.components import load_components
-    from runner.families.stable_diffusion import TextEmbeddings
+    from runner.families.stable_diffusion import FAMILY
     from runner.spec import make_spec
     from tests.conftest import compose_config
 
     spec = make_spec(compose_config("prompt=[a cat,a dog]", "negative_prompt=blurry"))
     timer = timing.Timer("cpu")
-    embeds = TextEmbeddings(load_components(spec)[0], spec, timer)
+    embeds = FAMILY.prepare(load_components(spec)[0], spec, timer)["embeds"]
     first = embeds(["a cat", "a cat", "a dog"])
     embeds(["a dog", "a cat"])
     embeds(["blurry"] * 3)

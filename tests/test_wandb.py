@@ -120,7 +120,7 @@ def test_sigma_schedule_as_step_metric_and_table(sweep):
     assert [p["schedule/sigma"] for p in points] == pytest.approx(list(schedule.sigma))
     table_file = next((logged["dir"] / "files" / "media" / "table").glob("schedule_table_*.table.json"))
     table = json.loads(table_file.read_text())
-    assert table["columns"] == ["step", "timestep", "sigma"] and len(table["data"]) == len(schedule)
+    assert table["columns"] == ["step", "timestep", "sigma", "log_snr"] and len(table["data"]) == len(schedule)
 
 
 @pytest.mark.slow

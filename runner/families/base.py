@@ -54,6 +54,11 @@ class Family:
         """(multiple, native size): height and width must be multiples of `multiple`; null sizes take `native`."""
         raise NotImplementedError
 
+    def facts(self, read_config: ConfigReader) -> dict:
+        """What this family's `check` needs to know of the model's component configs (read without weights), kept
+        in `spec.model_facts`; e.g. whether the UNet takes guidance as an embedding."""
+        return {}
+
     def check(self, spec) -> None:
         """Refuse, with runner.checks.fail, what this family cannot draw (img2img without a VAE, say)."""
 

@@ -33,13 +33,13 @@ class Flux(Family):
                 and classes["text_encoder"] == "CLIPTextModel" and set(classes) <= set(wanted) | optional)
 
     def size_rule(self, read_config):
-        from runner.flow import vae_scale
+        from runner.sampling import latent_scale
 
         vae = read_config("vae")
-        multiple = vae_scale(vae) * 2  # latents are packed in 2×2 patches
+        multiple = latent_scale(vae) * 2  # latents are packed in 2×2 patches
         # FluxPipeline draws 128 latents a side by default; the VAE config says the same for FLUX.1 (1024 px) and
         # lets a small model say its own.
-        native = vae.get("sample_size") or 128 * vae_scale(vae)
+        native = vae.get("sample_size") or 128 * latent_scale(vae)
         native = native if isinstance(native, int) else native[0]
         return multiple, native - native % multiple
 
@@ -84,12 +84,12 @@ class Flux(Family):
                           scheduler_config, vae=load(diffusers.AutoencoderKL, "vae"), text=text)
 
     def prepare(self, components, spec, timer):
-        from runner.flow import PromptCache, warn_truncated
+        from runner.sampling import PromptCache, warn_truncated
 
         text, (_, tokens) = components.text, options(spec)
         prompts = list(spec.prompts) + [spec.negative_prompt or ""]
-        warn_truncated(log, text["tokenizer"], prompts, text["tokenizer"].model_max_length)
-        warn_truncated(log, text["tokenizer_2"], prompts, tokens)
+        warn_truncated(text["tokenizer"], prompts, text["tokenizer"].model_max_length)
+        warn_truncated(text["tokenizer_2"], prompts, tokens)
         return {"embeds": PromptCache(lambda p: encode(components, p, tokens, spec.device), timer)}
 
     def sample(self, components, scheduler, spec, prompts, generators, state, timer, tally):
@@ -98,7 +98,8 @@ class Flux(Family):
         from diffusers.utils.torch_utils import randn_tensor
 
         from runner.flow import apply_model_shift, decode, dynamic_mu, latent_image_ids, pack_latents, set_timesteps
-        from runner.flow import unpack_latents, vae_scale
+        from runner.flow import unpack_latents
+        from runner.sampling import latent_scale
         from runner.sampling import denoise, step_kwargs, to_uint8
 
         transformer, vae, device = components.denoiser, components.vae, torch.device(spec.device)
@@ -113,7 +114,7 @@ class Flux(Family):
             if use_true_cfg:
                 negative, negative_pooled = state["embeds"]([spec.negative_prompt] * batch)
             # 2. noise, one latent per generator, packed into 2×2 patches
-            scale = vae_scale(vae.config)
+            scale = latent_scale(vae.config)
             height, width = 2 * (spec.height // (scale * 2)), 2 * (spec.width // (scale * 2))
             shape = (batch, transformer.config.in_channels // 4, height, width)
             latents = pack_latents(randn_tensor(shape, generator=generators, device=device, dtype=embeds.dtype))
@@ -160,10 +161,11 @@ class Flux(Family):
     def warm_up(self, components, spec, batch_size):
         import torch
 
-        from runner.flow import latent_image_ids, vae_scale
+        from runner.flow import latent_image_ids
+        from runner.sampling import latent_scale
 
         transformer = components.denoiser
-        config, scale = transformer.config, vae_scale(components.vae.config)
+        config, scale = transformer.config, latent_scale(components.vae.config)
         _, tokens = options(spec)
         rows, cols = spec.height // (scale * 2), spec.width // (scale * 2)
         # zeros: a warm-up draws no random numbers. True CFG runs two passes of this same shape.

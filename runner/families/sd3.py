@@ -29,9 +29,9 @@ class SD3(Family):
                 and all(k in wanted or (k in optional and v.startswith(optional[k])) for k, v in classes.items()))
 
     def size_rule(self, read_config):
-        from runner.flow import vae_scale
+        from runner.sampling import latent_scale
 
-        transformer, scale = read_config("transformer"), vae_scale(read_config("vae"))
+        transformer, scale = read_config("transformer"), latent_scale(read_config("vae"))
         # The pipeline's rule: latents are cut into patch_size² patches.
         return scale * transformer["patch_size"], transformer["sample_size"] * scale
 
@@ -56,20 +56,21 @@ class SD3(Family):
                           vae=load(diffusers.AutoencoderKL, "vae"), text=text)
 
     def prepare(self, components, spec, timer):
-        from runner.flow import PromptCache, warn_truncated
+        from runner.sampling import PromptCache, warn_truncated
 
         text = components.text
         prompts = list(spec.prompts) + [spec.negative_prompt or ""]
-        warn_truncated(log, text["tokenizer"], prompts, text["tokenizer"].model_max_length)
+        warn_truncated(text["tokenizer"], prompts, text["tokenizer"].model_max_length)
         if text["text_encoder_3"] is not None:
-            warn_truncated(log, text["tokenizer_3"], prompts, T5_TOKENS)
+            warn_truncated(text["tokenizer_3"], prompts, T5_TOKENS)
         return {"embeds": PromptCache(lambda p: encode(components, p, spec.device), timer)}
 
     def sample(self, components, scheduler, spec, prompts, generators, state, timer, tally):
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        from runner.flow import apply_model_shift, decode, dynamic_mu, set_timesteps, vae_scale
+        from runner.flow import apply_model_shift, decode, dynamic_mu, set_timesteps
+        from runner.sampling import latent_scale
         from runner.sampling import denoise, step_kwargs, to_uint8
 
         transformer, vae, device = components.denoiser, components.vae, torch.device(spec.device)
@@ -81,7 +82,7 @@ class SD3(Family):
                 negative, negative_pooled = state["embeds"]([spec.negative_prompt or ""] * len(prompts))
                 embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
             # 2. noise, one latent per generator
-            scale = vae_scale(vae.config)
+            scale = latent_scale(vae.config)
             shape = (len(generators), transformer.config.in_channels, spec.height // scale, spec.width // scale)
             latents = randn_tensor(shape, generator=generators, device=device, dtype=embeds.dtype)
             # 3. the schedule: the scheduler's static `shift`, or `mu` from the image's token count where its
@@ -115,10 +116,10 @@ class SD3(Family):
     def warm_up(self, components, spec, batch_size):
         import torch
 
-        from runner.flow import vae_scale
+        from runner.sampling import latent_scale
 
         transformer = components.denoiser
-        config, scale = transformer.config, vae_scale(components.vae.config)
+        config, scale = transformer.config, latent_scale(components.vae.config)
         rows = batch_size * (2 if spec.guidance > 1 else 1)
         tokens = components.text["tokenizer"].model_max_length + T5_TOKENS
         pooled = sum(components.text[k].config.projection_dim for k in ("text_encoder", "text_encoder_2"))

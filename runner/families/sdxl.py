@@ -15,12 +15,9 @@ torch and runner.sampling are imported inside the methods: recognising a model a
 load torch.
 """
 
-import logging
-
 from runner.checks import fail
 from runner.families.base import Components, Family
-
-log = logging.getLogger("runner")
+from runner.families.stable_diffusion import check_guidance_embedded
 
 SIZE_OPTIONS = {"original_size": "null or [height, width] of positive integers",
                 "crops_coords_top_left": "null or [top, left] of non-negative integers",
@@ -44,18 +41,6 @@ def micro_conditioning(spec) -> list[int]:
     return [int(v) for key in SIZE_OPTIONS for v in (options.get(key) or defaults[key])]
 
 
-def guidance_embedding(w, dim: int):
-    """The guidance-scale embedding of guidance-distilled UNets (`time_cond_proj_dim`), as the pipeline builds it:
-    sinusoidal features of 1000 * w, in fp32 (the caller casts)."""
-    import torch
-
-    half = dim // 2
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1)))
-    emb = (w * 1000.0).float()[:, None] * freqs[None, :]
-    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
-    return torch.nn.functional.pad(emb, (0, dim % 2))
-
-
 def rescale_noise_cfg(noise_cfg, noise_cond, guidance_rescale: float):
     """Lin et al. 2023, section 3.4: match the guided prediction's std to the conditional one's, then blend back
     by `guidance_rescale` (as diffusers' rescale_noise_cfg)."""
@@ -69,20 +54,16 @@ class PromptEmbeddings:
 
     def __init__(self, components: Components, spec, timer):
         from runner.precision import torch_dtype
-        from runner.sampling import tokens_dropped
+        from runner.sampling import PromptCache, warn_truncated
 
-        self.text, self.timer, self.cache = components.text, timer, {}
+        self.text, self.cache = components.text, PromptCache(self._encode, timer)
         self.negative_prompt = spec.negative_prompt
         self.device, self.dtype = spec.device, torch_dtype(spec.dtype)
         # The pipeline zeros the negative side only when no negative prompt is given; the runner's "no negative
         # prompt" is "" (spec.py turns null into ""), so "" takes the zeros here.
         config = getattr(spec, "pipeline_config", None) or {}
         self.zero_negative = not spec.negative_prompt and config.get("force_zeros_for_empty_prompt", True)
-        for prompt in dict.fromkeys((*spec.prompts, spec.negative_prompt)):
-            dropped = max(tokens_dropped(self.text[name], prompt) for name, _ in TEXT)  # one warning, not two
-            if dropped:
-                log.warning(f"  prompt is {dropped} token(s) longer than the tokenizers' limit of "
-                            f"{self.text['tokenizer'].model_max_length}; they are dropped: {prompt[:60]!r}…")
+        warn_truncated(self.text["tokenizer"], (*spec.prompts, spec.negative_prompt))  # both have CLIP's limit
 
     def _encode(self, prompts: list[str]):
         """Both encoders' penultimate hidden states side by side, and text_encoder_2's pooled projection."""
@@ -101,15 +82,7 @@ class PromptEmbeddings:
 
     def __call__(self, prompts: list[str]):
         """(hidden states, pooled) stacked for `prompts`, one row each."""
-        import torch
-
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
-        if missing:
-            with self.timer("encode"):
-                hidden, pooled = self._encode(missing)
-            self.cache.update(zip(missing, zip(hidden, pooled)))
-        rows = [self.cache[p] for p in prompts]
-        return torch.stack([h for h, _ in rows]), torch.stack([p for _, p in rows])
+        return self.cache(prompts)
 
     def negative(self, like):
         """The unconditional side, shaped as `like` (the (hidden, pooled) of a batch): zeros, or the encoded
@@ -124,7 +97,8 @@ class PromptEmbeddings:
 class SDXL(Family):
     name = "sdxl"
     pipeline = "StableDiffusionXLPipeline"
-    summary = "Stable Diffusion XL (two CLIP text encoders, UNet, VAE: model_index.json as StableDiffusionXLPipeline)"
+    summary = ("CLIPTextModel + CLIPTextModelWithProjection + UNet2DConditionModel + AutoencoderKL, "
+               "like StableDiffusionXLPipeline")
     options_key = "sdxl"
 
     def recognise(self, classes: dict[str, str]) -> bool:
@@ -137,10 +111,16 @@ class SDXL(Family):
                 and set(classes) <= set(required) | optional)
 
     def size_rule(self, read_config) -> tuple[int, int]:
-        scale = 2 ** (len(read_config("vae")["block_out_channels"]) - 1)
+        from runner.sampling import latent_scale
+
+        scale = latent_scale(read_config("vae"))
         return scale, read_config("unet")["sample_size"] * scale
 
+    def facts(self, read_config) -> dict:
+        return {"guidance_embedded": read_config("unet").get("time_cond_proj_dim") is not None}
+
     def check(self, spec) -> None:
+        check_guidance_embedded(spec)
         if getattr(spec, "init_image", None) is not None:
             fail("init_image", spec.init_image, "null: SDXL models draw text-to-image only (img2img, as "
                                                  "StableDiffusionXLImg2ImgPipeline, is not supported yet)")
@@ -180,7 +160,9 @@ class SDXL(Family):
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        from runner.sampling import denoise, latent_scale, step_kwargs, to_uint8
+        from runner.ksampling import is_k
+        from runner.ksampling import sample as k_sample
+        from runner.sampling import denoise, guidance_condition, latent_scale, set_schedule, step_kwargs, to_uint8
 
         unet, vae = components.denoiser, components.vae
         embeds = state if state is not None else self.prepare(components, spec, timer)
@@ -195,36 +177,41 @@ class SDXL(Family):
             hidden, pooled = torch.cat([neg_hidden, hidden]), torch.cat([neg_pooled, pooled])
         time_ids = torch.tensor([micro_conditioning(spec)], dtype=dtype, device=device).repeat(len(hidden), 1)
         added = {"text_embeds": pooled, "time_ids": time_ids}
-        timestep_cond = None
-        if unet.config.time_cond_proj_dim is not None:  # guidance-distilled UNets take w as an input instead
-            w = torch.tensor(spec.guidance - 1).repeat(n)
-            timestep_cond = guidance_embedding(w, unet.config.time_cond_proj_dim).to(device, dtype)
+        timestep_cond = guidance_condition(unet, spec.guidance, n, device, dtype)
 
-        # 2. the schedule, then the noise (init_noise_sigma depends on the schedule)
-        scheduler.set_timesteps(spec.steps, device=device)
-        if hasattr(scheduler, "set_begin_index"):
-            scheduler.set_begin_index(0)  # as the pipeline: the step index starts at 0 whatever the timesteps
-        scale = latent_scale(vae.config)
-        shape = (n, unet.config.in_channels, spec.height // scale, spec.width // scale)
-        latents = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=dtype)
-        latents = latents * scheduler.init_noise_sigma
-
-        # 3. denoise: eps_u + w * (eps_c - eps_u), optionally rescaled
-        def predict_noise(x, t):
-            model_input = scheduler.scale_model_input(torch.cat([x, x]) if use_cfg else x, t)
-            noise_pred = unet(model_input, t, encoder_hidden_states=hidden, timestep_cond=timestep_cond,
-                              added_cond_kwargs=added, return_dict=False)[0]
+        # 2. the guided prediction for (already scaled) model input: eps_u + w * (eps_c - eps_u), optionally
+        # rescaled; t is one timestep (diffusers) or one per row (k-diffusion)
+        def guided(model_input, t):
+            rows = torch.cat([model_input, model_input]) if use_cfg else model_input
+            noise_pred = unet(rows, torch.cat([t, t]) if use_cfg and t.ndim else t, encoder_hidden_states=hidden,
+                              timestep_cond=timestep_cond, added_cond_kwargs=added, return_dict=False)[0]
             if not use_cfg:
                 return noise_pred
             noise_uncond, noise_cond = noise_pred.chunk(2)
-            guided = noise_uncond + spec.guidance * (noise_cond - noise_uncond)
-            return rescale_noise_cfg(guided, noise_cond, rescale) if rescale > 0 else guided
+            guided_pred = noise_uncond + spec.guidance * (noise_cond - noise_uncond)
+            return rescale_noise_cfg(guided_pred, noise_cond, rescale) if rescale > 0 else guided_pred
 
-        latents = denoise(scheduler, latents, scheduler.timesteps, predict_noise,
-                          step_kwargs(scheduler, generators, spec.eta), spec.progress, timer, tally,
-                          passes=2 if use_cfg else 1)
+        scale = latent_scale(vae.config)
+        shape = (n, unet.config.in_channels, spec.height // scale, spec.width // scale)
+        passes = 2 if use_cfg else 1
+        if is_k(scheduler):  # k-diffusion's sampler, schedule and noise (runner.ksampling)
+            latents = k_sample(scheduler, spec, guided, shape, generators, device, dtype, timer, tally, passes)
+        else:
+            # 3. the schedule, then the noise (init_noise_sigma depends on the schedule)
+            set_schedule(scheduler, spec, device)
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)  # as the pipeline: the step index starts at 0 whatever the timesteps
+            latents = randn_tensor(shape, generator=generators, device=torch.device(device), dtype=dtype)
+            latents = latents * scheduler.init_noise_sigma
 
-        # 4. decode; SDXL's own VAE overflows in fp16, so the pipeline decodes in fp32 where the config says so
+            # 4. denoise
+            def predict_noise(x, t):
+                return guided(scheduler.scale_model_input(x, t), t)
+
+            latents = denoise(scheduler, latents, scheduler.timesteps, predict_noise,
+                              step_kwargs(scheduler, generators, spec.eta), spec.progress, timer, tally, passes)
+
+        # 5. decode; SDXL's own VAE overflows in fp16, so the pipeline decodes in fp32 where the config says so
         with timer("vae_decode"):
             upcast = vae.dtype == torch.float16 and vae.config.force_upcast
             if upcast:

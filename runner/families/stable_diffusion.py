@@ -1,12 +1,8 @@
 """Stable Diffusion 1.x/2.x: CLIP text encoder + `UNet2DConditionModel` + `AutoencoderKL`, as
 `StableDiffusionPipeline` (Rombach et al. 2022), and img2img as `StableDiffusionImg2ImgPipeline`."""
 
-import logging
-
 from runner.checks import fail
 from runner.families.base import Components, Family
-
-log = logging.getLogger("runner")
 
 
 class StableDiffusion(Family):
@@ -29,7 +25,14 @@ class StableDiffusion(Family):
         scale = latent_scale(read_config("vae"))
         return scale, (size if isinstance(size, int) else size[0]) * scale
 
+    def facts(self, read_config):
+        return {"guidance_embedded": read_config("unet").get("time_cond_proj_dim") is not None}
+
     def check(self, spec):
+        check_guidance_embedded(spec)
+        if spec.init_image is not None and spec.scheduler_backend != "diffusers":
+            fail("init_image", spec.init_image, "null with a k-diffusion sampler (img2img runs on the diffusers "
+                 "scheduler options)")
         if spec.init_image is not None and int(spec.steps * spec.strength) < 1:
             fail("strength", spec.strength,
                  f"img2img runs int(steps * strength) steps, which must be >= 1 (steps={spec.steps})")
@@ -44,14 +47,19 @@ class StableDiffusion(Family):
                                 "text_encoder": load(transformers.CLIPTextModel, "text_encoder")})
 
     def prepare(self, components, spec, timer):
-        return {"embeds": TextEmbeddings(components, spec, timer), "init_image": load_init_image(spec)}
+        """Prompt embeddings, computed once per distinct prompt within the job, and the img2img start image."""
+        from runner.sampling import PromptCache, encode_prompts, warn_truncated
+
+        tokenizer, text_encoder = components.text["tokenizer"], components.text["text_encoder"]
+        warn_truncated(tokenizer, spec.prompts + (spec.negative_prompt,))
+        cache = PromptCache(lambda prompts: (encode_prompts(tokenizer, text_encoder, prompts),), timer)
+        return {"embeds": lambda prompts: cache(prompts)[0], "init_image": load_init_image(spec)}
 
     def sample(self, components, scheduler, spec, prompts, generators, state, timer, tally):
         embeds = state["embeds"]
-        return sample_text_to_image(components.denoiser, components.vae, scheduler, embeds(prompts),
-                                    embeds([spec.negative_prompt] * len(prompts)), generators, spec.height, spec.width,
-                                    spec.steps, spec.guidance, eta=spec.eta, progress=spec.progress, timer=timer,
-                                    init_image=state["init_image"], strength=spec.strength, tally=tally)
+        return sample_text_to_image(components.denoiser, components.vae, scheduler, spec, embeds(prompts),
+                                    embeds([spec.negative_prompt] * len(prompts)), generators, timer=timer,
+                                    init_image=state["init_image"], tally=tally)
 
     def warm_up(self, components, spec, batch_size):
         import torch
@@ -60,6 +68,8 @@ class StableDiffusion(Family):
         from runner.sampling import latent_scale
 
         unet, dtype, device = components.denoiser, torch_dtype(spec.dtype), spec.device
+        from runner.sampling import guidance_condition
+
         rows = batch_size * (2 if uses_cfg(unet, spec.guidance) else 1)
         scale = latent_scale(components.vae.config)
         x = torch.randn(rows, unet.config.in_channels, spec.height // scale, spec.width // scale, device=device,
@@ -67,39 +77,22 @@ class StableDiffusion(Family):
         embeds = torch.randn(rows, components.text["tokenizer"].model_max_length,
                              components.text["text_encoder"].config.hidden_size, device=device, dtype=dtype)
         with torch.no_grad():
-            unet(x, torch.tensor(1, device=device), encoder_hidden_states=embeds, return_dict=False)
+            unet(x, torch.tensor(1, device=device), encoder_hidden_states=embeds,
+                 timestep_cond=guidance_condition(unet, spec.guidance, rows, device, dtype), return_dict=False)
 
 
 def uses_cfg(unet, guidance: float) -> bool:
-    """Classifier-free guidance runs an unconditional pass beside the conditional one, as the pipeline decides."""
+    """Classifier-free guidance runs an unconditional pass beside the conditional one, as the pipeline decides; a
+    UNet with `time_cond_proj_dim` (LCM-style, guidance-distilled) takes guidance as an embedding instead."""
     return guidance > 1 and unet.config.time_cond_proj_dim is None
 
 
-class TextEmbeddings:
-    """Prompt embeddings, computed once per distinct prompt within a job."""
-
-    def __init__(self, components, spec, timer):
-        from runner.sampling import tokens_dropped
-
-        self.tokenizer, self.text_encoder = components.text["tokenizer"], components.text["text_encoder"]
-        self.timer, self.cache = timer, {}
-        for prompt in dict.fromkeys(spec.prompts + (spec.negative_prompt,)):
-            dropped = tokens_dropped(self.tokenizer, prompt)
-            if dropped:
-                log.warning(f"  prompt is {dropped} token(s) longer than the tokenizer's limit of "
-                            f"{self.tokenizer.model_max_length}; they are dropped: {prompt[:60]!r}…")
-
-    def __call__(self, prompts: list[str]):
-        import torch
-
-        from runner.sampling import encode_prompts
-
-        missing = [p for p in dict.fromkeys(prompts) if p not in self.cache]
-        if missing:
-            with self.timer("encode"):
-                encoded = encode_prompts(self.tokenizer, self.text_encoder, missing)
-            self.cache.update(zip(missing, encoded))
-        return torch.stack([self.cache[p] for p in prompts])
+def check_guidance_embedded(spec) -> None:
+    """A guidance-embedded UNet runs no unconditional pass, so the pipelines drop a negative prompt without a word
+    (LatentConsistencyModelPipeline takes none at all): refuse it rather than record it as used."""
+    if (getattr(spec, "model_facts", None) or {}).get("guidance_embedded") and spec.negative_prompt:
+        fail("negative_prompt", spec.negative_prompt, "'' for this model: its UNet takes guidance as an embedding "
+             "(time_cond_proj_dim, LCM-style) and runs no unconditional pass, so a negative prompt would be ignored")
 
 
 def load_init_image(spec):
@@ -113,54 +106,71 @@ def load_init_image(spec):
                                           width=spec.width)
 
 
-def sample_text_to_image(unet, vae, scheduler, cond_embeds, uncond_embeds, generators, height, width, steps, guidance,
-                         eta=0.0, progress=True, timer=None, init_image=None, strength=1.0, tally=None):
+def sample_text_to_image(unet, vae, scheduler, spec, cond_embeds, uncond_embeds, generators, timer=None,
+                         init_image=None, tally=None):
     """Latent diffusion with classifier-free guidance, as StableDiffusionPipeline.
 
-    `cond_embeds`/`uncond_embeds` hold one row per image. With `init_image` (a [-1, 1] tensor of shape
+    `spec` gives the size, steps (or custom schedule), guidance, eta, strength and progress bar; `cond_embeds` /
+    `uncond_embeds` hold one row per image. With `init_image` (a [-1, 1] tensor of shape
     (1, 3, H, W)) it is img2img, as StableDiffusionImg2ImgPipeline: the image is encoded, noised to the
     timestep that `strength` picks, and only the remaining steps run.
     """
     import torch
     from diffusers.utils.torch_utils import randn_tensor
 
-    from runner.sampling import denoise, img2img_start, latent_scale, step_kwargs, timed, to_uint8
+    from runner.ksampling import is_k
+    from runner.ksampling import sample as k_sample
+    from runner.sampling import (denoise, guidance_condition, img2img_start, latent_scale, set_schedule, step_kwargs,
+                                 timed, to_uint8)
 
     with torch.no_grad():
         # The embeddings sit on the execution device, also under model CPU offload (where unet.device says "cpu").
         device, dtype = cond_embeds.device, cond_embeds.dtype
-        use_cfg = uses_cfg(unet, guidance)
-        # 1. the schedule first: init_noise_sigma and img2img's start depend on it
-        scheduler.set_timesteps(steps, device=device)
-        timesteps = scheduler.timesteps
-        # 2. latents: pure noise, or the init image encoded and noised
-        scale = latent_scale(vae.config)
-        if init_image is None:
-            shape = (len(generators), unet.config.in_channels, height // scale, width // scale)
-            latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype) * scheduler.init_noise_sigma
-        else:
-            start = img2img_start(steps, strength, scheduler.order)
-            timesteps = timesteps[start:]
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(start)
-            with timed(timer, "vae_encode"):
-                posterior = vae.encode(init_image.to(device=device, dtype=dtype)).latent_dist
-            clean = torch.cat([posterior.sample(generator=g) for g in generators]) * vae.config.scaling_factor
-            noise = randn_tensor(clean.shape, generator=generators, device=device, dtype=dtype)
-            latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(generators)))
+        use_cfg = uses_cfg(unet, spec.guidance)
         embeds = torch.cat([uncond_embeds, cond_embeds]) if use_cfg else cond_embeds
+        timestep_cond = guidance_condition(unet, spec.guidance, len(generators), device, dtype)
 
-        # 3. denoise: eps_u + w * (eps_c - eps_u)
-        def predict_noise(x, t):
-            model_input = scheduler.scale_model_input(torch.cat([x, x]) if use_cfg else x, t)
-            noise_pred = unet(model_input, t, encoder_hidden_states=embeds, return_dict=False)[0]
+        # the guided prediction for (already scaled) model input: eps_u + w * (eps_c - eps_u), or one pass with w
+        # embedded; t is one timestep (diffusers) or one per row (k-diffusion)
+        def guided(model_input, t):
+            rows = torch.cat([model_input, model_input]) if use_cfg else model_input
+            noise_pred = unet(rows, torch.cat([t, t]) if use_cfg and t.ndim else t, encoder_hidden_states=embeds,
+                              timestep_cond=timestep_cond, return_dict=False)[0]
             if not use_cfg:
                 return noise_pred
             noise_uncond, noise_cond = noise_pred.chunk(2)
-            return noise_uncond + guidance * (noise_cond - noise_uncond)
+            return noise_uncond + spec.guidance * (noise_cond - noise_uncond)
 
-        latents = denoise(scheduler, latents, timesteps, predict_noise, step_kwargs(scheduler, generators, eta),
-                          progress, timer, tally, passes=2 if use_cfg else 1)
+        scale = latent_scale(vae.config)
+        shape = (len(generators), unet.config.in_channels, spec.height // scale, spec.width // scale)
+        passes = 2 if use_cfg else 1
+        if is_k(scheduler):  # k-diffusion's sampler, schedule and noise (runner.ksampling)
+            latents = k_sample(scheduler, spec, guided, shape, generators, device, dtype, timer, tally, passes)
+        else:
+            # 1. the schedule first: init_noise_sigma and img2img's start depend on it
+            set_schedule(scheduler, spec, device)
+            timesteps = scheduler.timesteps
+            # 2. latents: pure noise, or the init image encoded and noised
+            if init_image is None:
+                latents = randn_tensor(shape, generator=generators, device=device, dtype=dtype)
+                latents = latents * scheduler.init_noise_sigma
+            else:
+                start = img2img_start(spec.steps, spec.strength, scheduler.order)
+                timesteps = timesteps[start:]
+                if hasattr(scheduler, "set_begin_index"):
+                    scheduler.set_begin_index(start)
+                with timed(timer, "vae_encode"):
+                    posterior = vae.encode(init_image.to(device=device, dtype=dtype)).latent_dist
+                clean = torch.cat([posterior.sample(generator=g) for g in generators]) * vae.config.scaling_factor
+                noise = randn_tensor(clean.shape, generator=generators, device=device, dtype=dtype)
+                latents = scheduler.add_noise(clean, noise, timesteps[:1].repeat(len(generators)))
+
+            # 3. denoise
+            def predict_noise(x, t):
+                return guided(scheduler.scale_model_input(x, t), t)
+
+            latents = denoise(scheduler, latents, timesteps, predict_noise,
+                              step_kwargs(scheduler, generators, spec.eta), spec.progress, timer, tally, passes)
         # 4. decode
         with timed(timer, "vae_decode"):
             images = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]

@@ -33,7 +33,7 @@ class Unconditional(Family):
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        from runner.sampling import denoise, step_kwargs, to_uint8
+        from runner.sampling import denoise, set_schedule, step_kwargs, to_uint8
 
         unet = components.denoiser
         with torch.no_grad():
@@ -41,7 +41,7 @@ class Unconditional(Family):
             shape = (len(generators), unet.config.in_channels, spec.height, spec.width)
             images = randn_tensor(shape, generator=generators, device=unet.device, dtype=unet.dtype)
             # 2. the schedule; sigma-based schedulers start from a wider noise and scale the model input
-            scheduler.set_timesteps(spec.steps)
+            set_schedule(scheduler, spec)
             images = images * scheduler.init_noise_sigma
 
             # 3. denoise

@@ -9,22 +9,22 @@ In a sweep whose jobs share a process (Hydra's basic launcher), a child process 
 next job draws, where sampling leaves a CPU core free for it; the sweep's end waits for it (`finish_background`).
 """
 
+import contextlib
+import errno
 import hashlib
 import logging
 import netrc
 import os
 import queue
-import re
 import sys
 from pathlib import Path
 from time import perf_counter
 
 from runner.columns import ENVIRONMENT_COLUMNS, JOB_SUMMARY_PREFIXES, SCORE_COLUMNS, SUMMARY_COLUMNS
+from runner.context import is_secret, redact_text
 
 log = logging.getLogger("runner")
 
-# Config keys and environment names that may hold credentials: never logged.
-SECRET_PATTERN = re.compile(r"(api[_-]?key|token|secret|password|passwd|credential|auth)", re.IGNORECASE)
 # As env.* run config keys (not the hostname: a run's page may be shared beyond the machine's users).
 ENV_CONFIG_COLUMNS = (*(c for c in ENVIRONMENT_COLUMNS if c != "hostname"), "model_revision", "device", "dtype")
 BASIC_LAUNCHER = "hydra._internal.core_plugins.basic_launcher.BasicLauncher"  # jobs run one by one in this process
@@ -129,7 +129,7 @@ def flatten(config: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in config.items():
         name = f"{prefix}{key}"
-        if SECRET_PATTERN.search(str(key)):
+        if is_secret(key):  # left out, not even as ***
             continue
         if isinstance(value, dict):
             flat.update(flatten(value, f"{name}."))
@@ -140,12 +140,12 @@ def flatten(config: dict, prefix: str = "") -> dict:
 
 def scrub(text: str) -> str:
     """Command-line arguments as W&B would record them, without any secret-looking `key=value`."""
-    return re.sub(r"([^\s=]*" + SECRET_PATTERN.pattern + r"[^\s=]*=)\S+", r"\1***", text)
+    return redact_text(text)
 
 
 def _settings(wandb, timeout_s: float):
     # No system metrics sampler, git/code capture or console mirroring: light, and nothing private leaves the job.
-    # No pip freeze either: reading every installed package's metadata was 90% of an init (0.1 s a job on CPU);
+    # No pip freeze either: reading every installed package's metadata was most of an init (README, W&B);
     # the versions that matter go into the run's config as env.* (ENV_CONFIG_COLUMNS).
     return wandb.Settings(init_timeout=timeout_s, x_disable_meta=True, x_disable_stats=True, disable_git=True,
                           disable_code=True, save_code=False, console="off", silent=True, x_save_requirements=False)
@@ -176,48 +176,163 @@ def init_run(options: dict, **kwargs):
 
 
 def log_job(options: dict, config: dict, rows: list[dict], schedule: list[dict], context: dict) -> float:
-    """One W&B run for one job: config, images, the sigma schedule, timings and the rows. Returns seconds spent."""
+    """One W&B run for one job: config, images, the sigma schedule, timings and the rows. Returns seconds spent.
+    Once the run is finished, the job dir gets a marker (RUN_MARKER) with its id; a run that failed half-way is
+    removed, so that nothing half-written is ever synced, and a resume writes it again (write_missing_run)."""
     start = perf_counter()
+    if _stopped:
+        return 0.0
+    runs_before = offline_runs(context)
+    try:
+        with logging_errors_quiet():
+            if write_job_run(options, config, rows, schedule, context, start):
+                from runner.record import atomic_write_bytes
+
+                atomic_write_bytes(Path(context["job_dir"]) / RUN_MARKER, context.get("wandb_run_id", "").encode())
+    except Exception as err:
+        remove_new_runs(context, runs_before)
+        failed(err, "could not log this job", "its rows and images are on disk")
+    return perf_counter() - start
+
+
+def write_job_run(options: dict, config: dict, rows: list[dict], schedule: list[dict], context: dict, start) -> bool:
+    import wandb
+
+    job_dir = Path(context["job_dir"])
+    first = rows[0] if rows else {}
+    run = init_run(options, dir=str(wandb_dir(context)), group=group_name(context), name=context["name"],
+                   job_type="job", tags=[*(options.get("tags") or []), first.get("model"), first.get("scheduler")],
+                   config=dict(flatten(config), **environment_config(rows)), id=context.get("wandb_run_id"),
+                   resume="allow" if context.get("wandb_run_id") else None)
+    if run is None:
+        return False
+    run.define_metric("schedule/step")
+    run.define_metric("schedule/*", step_metric="schedule/step")
+    for point in schedule:
+        record = {"schedule/step": point["step"], "schedule/sigma": point["sigma"], "schedule/timestep": point["timestep"]}
+        if point.get("log_snr") is not None:  # VP and flow schedules on one axis (-inf: pure noise)
+            record["schedule/log_snr"] = point["log_snr"]
+        run.log(record)
+    ok = [r for r in rows if r["status"] == "ok"]
+    # wandb.Image from the PNG we already wrote: no second encode on the hot path
+    images = [wandb.Image(str(job_dir / r["image_path"]), caption=caption(r)) for r in ok]
+    payload = {"schedule_table": wandb.Table(columns=["step", "timestep", "sigma", "log_snr"],
+                                             data=[[p["step"], p["timestep"], p["sigma"], p.get("log_snr")]
+                                                   for p in schedule]),
+               "rows": rows_table(wandb, rows)}
+    if images:
+        payload["images"] = images
+    run.log(payload)
+    run.summary.update({k: v for k, v in first.items()  # NaN: not measured here (CUDA memory on CPU)
+                        if k.startswith(JOB_SUMMARY_PREFIXES) and v == v})
+    failed_rows = [r for r in rows if r["status"] != "ok"]
+    run.summary.update({"status": "failed" if failed_rows else "ok", "images": len(ok)})
+    if failed_rows:
+        run.summary["error"] = failed_rows[0]["error"]
+    run.summary.update(mean_image_metrics(ok))
+    run.summary["time_log_s"] = (perf_counter() - start) / max(len(rows), 1)  # this run's own cost, per image
+    run.finish()
+    return True
+
+
+RUN_MARKER = ".wandb_run"  # in a job dir: the id of its finished W&B run
+_stopped = False  # set when the disk is full: no more runs from this process (one warning, not one per job)
+
+
+def failed(err: Exception, what: str, still: str) -> None:
+    """One warning line; on a full disk, also stop W&B for the rest of this process."""
+    global _stopped
+    if disk_full(err):
+        _stopped = True
+        drop_wandb_log_files()
+        log.warning(f"W&B: the disk is full ({err}); no more W&B runs from this sweep, {still}; resume the sweep "
+                    "once there is space, and it writes the missing runs")
+    else:
+        log.warning(f"W&B: {what} ({type(err).__name__}: {err}); {still}")
+
+
+def disk_full(err: BaseException | None) -> bool:
+    while err is not None:
+        if (isinstance(err, OSError) and err.errno == errno.ENOSPC) or "No space left on device" in str(err):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def drop_wandb_log_files() -> None:
+    """W&B's own debug-log handlers write beside the runs, and its background threads go on logging after a run
+    failed: on a full disk each record was another 'Logging error' traceback. They are closed."""
+    for name in ("wandb", ""):
+        logger = logging.getLogger(name)
+        for handler in [h for h in logger.handlers if isinstance(h, logging.FileHandler)
+                        and "wandb" in Path(h.baseFilename).parts]:
+            logger.removeHandler(handler)
+            try:
+                handler.close()
+            except OSError:
+                pass
+
+
+@contextlib.contextmanager
+def logging_errors_quiet():
+    """W&B writes its own debug logs beside the runs; on a full disk each of its log records printed a 'Logging
+    error' traceback. Its failure is reported once, by us."""
+    previous = logging.raiseExceptions
+    logging.raiseExceptions = False
+    try:
+        yield
+    finally:
+        logging.raiseExceptions = previous
+
+
+def offline_runs(context: dict) -> set[Path]:
+    """This job's offline run dirs (W&B names them offline-run-<time>-<run id>)."""
+    return set((wandb_dir(context) / "wandb").glob(f"offline-run-*-{context.get('wandb_run_id') or '*'}"))
+
+
+def remove_new_runs(context: dict, before: set[Path]) -> None:
+    """The offline run dirs a failed attempt left half-written: gone, so that `wandb sync` never uploads them."""
+    import shutil
+
     try:
         import wandb
 
-        job_dir = Path(context["job_dir"])
-        first = rows[0] if rows else {}
-        run = init_run(options, dir=str(wandb_dir(context)), group=group_name(context), name=context["name"],
-                       job_type="job", tags=[*(options.get("tags") or []), first.get("model"), first.get("scheduler")],
-                       config=dict(flatten(config), **environment_config(rows)), id=context.get("wandb_run_id"),
-                       resume="allow" if context.get("wandb_run_id") else None)
-        if run is None:
-            return 0.0
-        run.define_metric("schedule/step")
-        run.define_metric("schedule/*", step_metric="schedule/step")
-        for point in schedule:
-            run.log({"schedule/step": point["step"], "schedule/sigma": point["sigma"], "schedule/timestep": point["timestep"]})
-        ok = [r for r in rows if r["status"] == "ok"]
-        # wandb.Image from the PNG we already wrote: no second encode on the hot path
-        images = [wandb.Image(str(job_dir / r["image_path"]), caption=caption(r)) for r in ok]
-        payload = {"schedule_table": wandb.Table(columns=["step", "timestep", "sigma"],
-                                                 data=[[p["step"], p["timestep"], p["sigma"]] for p in schedule]),
-                   "rows": rows_table(wandb, rows)}
-        if images:
-            payload["images"] = images
-        run.log(payload)
-        run.summary.update({k: v for k, v in first.items()  # NaN: not measured here (CUDA memory on CPU)
-                            if k.startswith(JOB_SUMMARY_PREFIXES) and v == v})
-        failed = [r for r in rows if r["status"] != "ok"]
-        run.summary.update({"status": "failed" if failed else "ok", "images": len(ok)})
-        if failed:
-            run.summary["error"] = failed[0]["error"]
-        run.summary.update(mean_image_metrics(ok))
-        run.summary["time_log_s"] = (perf_counter() - start) / max(len(rows), 1)  # this run's own cost, per image
-        run.finish()
-    except Exception as err:
-        log.warning(f"W&B: could not log this job ({type(err).__name__}: {err}); its rows and images are on disk")
-    return perf_counter() - start
+        if wandb.run is not None:
+            wandb.run.finish(exit_code=1, quiet=True)
+    except Exception:
+        pass  # the disk that failed the run may fail its finish too
+    for run_dir in offline_runs(context) - before:
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def write_missing_run(cfg, context, job_dir: Path) -> None:
+    """A finished job that a resumed sweep skips, whose W&B run was never written (the sweep was killed before its
+    logger wrote it, W&B was off, or the disk was full): write it now, from the rows and schedule on disk."""
+    import pandas as pd
+
+    from runner.jobdir import ROWS_FILE, SCHEDULE_FILE
+
+    if resolve_mode(options_of(cfg)["mode"]) == "disabled":
+        return
+    marker = Path(job_dir) / RUN_MARKER
+    if marker.is_file() and marker.read_text().strip() == run_id(context.job_dir, context.config_hash):
+        return
+    rows = pd.read_parquet(Path(job_dir) / ROWS_FILE).to_dict("records")
+    schedule_file = Path(job_dir) / SCHEDULE_FILE
+    schedule = pd.read_csv(schedule_file).to_dict("records") if schedule_file.is_file() else []
+    log.info("  W&B: writing this job's run, which an earlier run of the sweep never wrote")
+    job_listener(cfg, context, str(rows[0].get("device") or "cpu"))(rows, schedule)
 
 
 def log_sweep(options: dict, sweep_dir: Path, df, grid_path: Path | None) -> None:
     """The sweep-summary run: the whole results table with an image column, and the labelled grid."""
+    if _stopped:
+        return
+    with logging_errors_quiet():
+        write_sweep_run(options, sweep_dir, df, grid_path)
+
+
+def write_sweep_run(options: dict, sweep_dir: Path, df, grid_path: Path | None) -> None:
     try:
         import wandb
 
@@ -234,7 +349,7 @@ def log_sweep(options: dict, sweep_dir: Path, df, grid_path: Path | None) -> Non
         run.summary.update({"images_ok": int((df["status"] == "ok").sum()), "images_failed": int((df["status"] != "ok").sum())})
         run.finish()
     except Exception as err:
-        log.warning(f"W&B: could not log the sweep summary ({type(err).__name__}: {err})")
+        failed(err, "could not log the sweep summary", "the sweep's table is on disk")
 
 
 def wandb_dir(context: dict) -> Path:
@@ -266,6 +381,7 @@ def rows_table(wandb, rows: list[dict], with_images: bool = False):
 # --------------------------------------------------------------------------- in a process of its own
 
 CALLS = {"log_job": log_job, "log_sweep": log_sweep}
+READY = "ready"  # the logger process's first message: it holds the queues
 _background = None  # this process's LoggerProcess, started by the first call(..., in_background=True)
 
 
@@ -285,8 +401,9 @@ class LoggerProcess:
         context = multiprocessing.get_context("spawn")  # never fork a process that may hold CUDA
         self.calls, self.done = context.Queue(), context.Queue()
         self.process = context.Process(target=serve, args=(self.calls, self.done), name="runner-wandb", daemon=True)
-        self.process.start()
-        self.pending = 0
+        with sigint_ignored():  # Ctrl-C is the sweep's to handle: the child starts ignoring it (while it imports)
+            self.process.start()
+        self.pending, self.left, self.ready = 0, False, False
         atexit.register(self.close)  # a sweep that ends without its callback still gets its runs finished
 
     def submit(self, name: str, *args) -> None:
@@ -297,19 +414,52 @@ class LoggerProcess:
         """Until every call sent so far has been made."""
         while self.pending:
             try:
-                self.done.get(timeout=1.0)
-                self.pending -= 1
+                self.count(self.done.get(timeout=1.0))
             except queue.Empty:
                 if not self.process.is_alive():
                     log.warning(f"W&B: the logger process died; {self.pending} call(s) not made (rows are on disk)")
                     self.pending = 0
 
+    def count(self, message: str) -> None:
+        if message == READY:
+            self.ready = True
+        else:
+            self.pending -= 1
+
+    def started(self) -> bool:
+        """Whether the child has opened the queues (it says so first thing)."""
+        while not self.ready:
+            try:
+                self.count(self.done.get_nowait())
+            except queue.Empty:
+                return False
+        return True
+
     def close(self) -> None:
-        """Wait for every call sent so far, then stop the process."""
+        """Wait for every call sent so far, then stop the process (unless left to finish on its own)."""
+        if self.left:
+            return
         self.wait()
         if self.process.is_alive():
             self.calls.put(None)
             self.process.join(timeout=30)
+
+
+@contextlib.contextmanager
+def sigint_ignored():
+    """SIGINT ignored in this process meanwhile, so that a child started now inherits the ignoring (a terminal's
+    Ctrl-C reaches the whole process group; Python keeps an inherited SIG_IGN)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def serve(calls, done) -> None:
@@ -318,6 +468,8 @@ def serve(calls, done) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.raiseExceptions = False  # this process only writes W&B runs: a log it cannot write is not news
+    done.put(READY)
     logging.basicConfig(format="[%(asctime)s][runner][%(levelname)s] - %(message)s", level=logging.INFO)
     parent = os.getppid()
     while True:
@@ -354,6 +506,33 @@ def call(name: str, *args, in_background: bool) -> None:
             return
         log.info(f"  W&B: runs are written by a logger process (pid {_background.process.pid}) beside the sampling")
     _background.submit(name, *args)
+
+
+def leave_background() -> None:
+    """On Ctrl-C, before the sweep's process exits at once: the logger process writes the runs already handed to
+    it, then stops, on its own (a run it never got is written when the sweep is resumed). The queues' named
+    semaphores are unlinked now (the child keeps its open handles), or multiprocessing's resource tracker would
+    warn about them when this process is gone."""
+    if _background is None:
+        return
+    from multiprocessing import resource_tracker
+
+    import _multiprocessing
+
+    _background.left = True
+    if _background.started():
+        _background.calls.put(None)
+        _background.calls.close()
+        _background.calls.join_thread()  # the None is in the pipe before this process exits
+    else:  # still starting: it holds no run yet, and would not find the queues once unlinked
+        _background.process.kill()
+        _background.process.join()
+    for channel in (_background.calls, _background.done):
+        for lock in (channel._rlock, channel._wlock, channel._sem):
+            name = getattr(getattr(lock, "_semlock", None), "name", None)
+            if name:
+                resource_tracker.unregister(name, "semaphore")
+                _multiprocessing.sem_unlink(name)
 
 
 def background_running() -> bool:

@@ -294,7 +294,7 @@ def empty_wandb_run_s(work: Path, runs: int = 10) -> float:
 
 def paired_ratio(runner_s: list[float], bare_s: list[float]) -> float:
     """The median of runner/bare over pairs that ran back to back: a slow spell of a shared machine (seconds
-    long, up to 2x here) then hits both ways of a pair instead of skewing one way's median."""
+    long) then hits both ways of a pair instead of skewing one way's median."""
     return statistics.median(r / b for r, b in zip(runner_s, bare_s))
 
 

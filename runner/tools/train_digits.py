@@ -1,7 +1,8 @@
 """Train the embedded digit models on scikit-learn's bundled handwritten digits (runner/models/digits-*).
 
-    python -m runner.tools.train_digits --out runner/models                  # classifier, digits-ddpm, digits-sd
+    python -m runner.tools.train_digits --out runner/models       # classifier, digits-ddpm, digits-sd, digits-flow
     python -m runner.tools.train_digits --out /tmp/models --only sd --sd-steps 500
+    python -m runner.tools.train_digits --out runner/models --only flow  # from the digits-sd in --out, or shipped
 
 - digits-classifier: a small CNN on 8x8 grey images in [0, 1]; the metric of runner/digits.py.
 - digits-ddpm: pixel-space DDPM (UNet2DModel + DDPMScheduler), 32x32 RGB (grey replicated), the micro
@@ -11,14 +12,19 @@
   cross-attention at every resolution. Prompts are "a handwritten digit seven" (a quarter of the time
   "a handwritten digit 7"), and "" 10% of the time so that classifier-free guidance works. The VAE is trained
   first, then the UNet and the text encoder together on the VAE's latents.
+- digits-flow: Stable Diffusion 3's structure at micro scale, trained by rectified flow: digits-sd's tokenizer,
+  text encoder (twice, as the two CLIPTextModelWithProjection of SD3, each with a new projection) and VAE, no T5,
+  and an SD3Transformer2DModel (MMDiT) on the VAE's 8x8x4 latents; the same prompts and 10% empty ones. The
+  transformer and both text encoders train together; the VAE stays as it is.
 
 Only the training split of runner.digits.load_digit_split() is used; its held-out fifth is for the tests.
 Everything is seeded and runs on one CPU thread (on the shared 2-core machine this was built on, 2 threads were
 several times slower than 1), so the same command on the same torch build rewrites the shipped weights.
 
 Measured (torch 2.13 CPU, 1 thread, 2-core machine shared with other work): classifier 0.7 CPU min, digits-ddpm
-17.8 CPU min (6,000 steps; 21 min wall), digits-sd 8.2 CPU min (VAE 2.7, UNet + text encoder 5.5; 13 min wall).
-Re-running it rewrote all three shipped models bit for bit (same sha256). The numbers printed at the end of each stage
+17.8 CPU min (6,000 steps; 21 min wall), digits-sd 8.2 CPU min (VAE 2.7, UNet + text encoder 5.5; 13 min wall),
+digits-flow 9.1 CPU min (4,000 steps 8.1, the rest loading and evaluation; 27 min wall). Re-running it rewrote the
+shipped models bit for bit (same sha256). The numbers printed at the end of each stage
 say how good each model is.
 """
 
@@ -308,24 +314,14 @@ def train_sd(out_dir: Path, vae_steps: int, unet_steps: int, gen: torch.Generato
           f"std {float(latents.std()):.3f} -> scaling_factor {scaling_factor}", flush=True)
 
     # 2. the UNet and the text encoder, together, on the frozen VAE's latents
-    def ids(prompts):
-        return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                         return_tensors="pt").input_ids
-
-    word_ids, numeral_ids = ids([digit_prompt(d) for d in range(10)]), ids([digit_prompt(d, True) for d in range(10)])
-    empty_ids = ids([""])[0]
-    labels = torch.from_numpy(train_y)
+    prompts = PromptIds(tokenizer, torch.from_numpy(train_y))
     # SD 1.x's betas and steps_offset; latents are never clipped (from_config passes clip_sample=False on to DDIM)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                               beta_schedule="scaled_linear", clip_sample=False, steps_offset=1)
     ema_unet, ema_text = EMA(unet, 0.995), EMA(text_encoder, 0.995)
 
     def unet_step(step):
-        idx = torch.randint(len(mean), (batch,), generator=gen)
-        z0 = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
-        u = torch.rand(batch, generator=gen)
-        input_ids = torch.where((u < 0.25)[:, None], numeral_ids[labels[idx]], word_ids[labels[idx]])
-        input_ids[u > 0.9] = empty_ids  # 10% unconditional, for classifier-free guidance
+        z0, input_ids = latent_batch(mean, std, scaling_factor, prompts, batch, gen)
         noise = torch.randn(z0.shape, generator=gen)
         t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,), generator=gen)
         hidden = text_encoder(input_ids)[0]
@@ -340,6 +336,44 @@ def train_sd(out_dir: Path, vae_steps: int, unet_steps: int, gen: torch.Generato
     pipe.save_pretrained(out_dir, safe_serialization=True)
     print(f"[sd-unet] {sec:.3f} CPU s/step", flush=True)
     evaluate_sd(out_dir, classifier)
+
+
+class PromptIds:
+    """The token ids a training batch draws from: each digit's word prompt ("a handwritten digit seven") and numeral
+    prompt ("... 7"), and the empty prompt of classifier-free guidance's unconditional share."""
+
+    def __init__(self, tokenizer, labels):
+        def ids(prompts):
+            return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                             return_tensors="pt").input_ids
+
+        self.labels = labels
+        self.words = ids([digit_prompt(d) for d in range(10)])
+        self.numerals = ids([digit_prompt(d, True) for d in range(10)])
+        self.empty = ids([""])[0]
+
+
+def latent_batch(mean, std, scaling_factor, prompts: PromptIds, batch: int, gen):
+    """A batch of training latents (sampled from the frozen VAE's posteriors, scaled) and their prompts' ids: a
+    quarter numerals, 10% empty (unconditional, for classifier-free guidance), the rest words."""
+    idx = torch.randint(len(mean), (batch,), generator=gen)
+    latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scaling_factor
+    u = torch.rand(batch, generator=gen)
+    input_ids = torch.where((u < 0.25)[:, None], prompts.numerals[prompts.labels[idx]],
+                            prompts.words[prompts.labels[idx]])
+    input_ids[u > 0.9] = prompts.empty
+    return latents, input_ids
+
+
+def score_prompted(pipe, seeds, steps: int, guidance: float, classifier) -> tuple[float, float]:
+    """Every digit's prompt drawn with each seed: (share classified as the prompted digit, mean adherence)."""
+    digits = [d for d in range(10) for _ in seeds]
+    gens = [torch.Generator("cpu").manual_seed(s) for _ in range(10) for s in seeds]
+    images = pipe([digit_prompt(d) for d in digits], generator=gens, num_inference_steps=steps,
+                  guidance_scale=guidance, output_type="np").images
+    scores = score_digits((images * 255).round().astype(np.uint8), digits, path=classifier)
+    acc = np.mean([s["predicted_digit"] == d for s, d in zip(scores, digits)])
+    return acc, np.mean([s["prompt_adherence"] for s in scores])
 
 
 def sd_inference_scheduler(training_scheduler):
@@ -361,32 +395,184 @@ def evaluate_sd(model_dir: Path, classifier: str | None = None, seeds=(0, 1, 2),
                                                    requires_safety_checker=False)
     pipe.scheduler = UniPCMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
-    digits = [d for d in range(10) for _ in seeds]
     results = {}
     for guidance in guidances:
-        gens = [torch.Generator("cpu").manual_seed(s) for _ in range(10) for s in seeds]
-        images = pipe([digit_prompt(d) for d in digits], generator=gens, num_inference_steps=steps,
-                      guidance_scale=guidance, output_type="np").images
-        scores = score_digits((images * 255).round().astype(np.uint8), digits, path=classifier)
-        acc = np.mean([s["predicted_digit"] == d for s, d in zip(scores, digits)])
-        adherence = np.mean([s["prompt_adherence"] for s in scores])
-        results[guidance] = (acc, adherence)
+        acc, adherence = results[guidance] = score_prompted(pipe, seeds, steps, guidance, classifier)
         print(f"[sd] UniPC {steps} steps, guidance {guidance}: classified as prompted {acc:.3f}, "
               f"mean adherence {adherence:.3f}", flush=True)
     return results
 
 
+# ---------------------------------------------------------------- digits-flow
+
+FLOW_PROJECTION_DIM = 32  # each CLIP encoder's projection; the pooled conditioning is both side by side
+
+
+class RepeatedTokenAttention:
+    """SD3's joint attention (diffusers' JointAttnProcessor2_0) where the last context token stands for `copies`
+    identical tokens, for training only.
+
+    Without T5, StableDiffusion3Pipeline appends T5_TOKENS (256) zero embeddings to the 16 CLIP tokens. Every
+    operation on a context token but attention is per token, so those 256 stay identical through every block, and in
+    attention `copies` identical keys weigh as one key whose score is raised by log(copies). One zero token with that
+    bias computes the same function (and gradients) as 256 at a fraction of the cost; the shipped model is then drawn
+    the usual way, with all 256 (tests/test_flow_digits.py checks that the two agree)."""
+
+    def __init__(self, copies: int):
+        self.log_copies = float(np.log(copies))
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        def heads(x, norm=None):
+            x = x.view(x.shape[0], -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+            return norm(x) if norm is not None else x
+
+        image_tokens = hidden_states.shape[1]
+        query = torch.cat([heads(attn.to_q(hidden_states), attn.norm_q),
+                           heads(attn.add_q_proj(encoder_hidden_states), attn.norm_added_q)], dim=2)
+        key = torch.cat([heads(attn.to_k(hidden_states), attn.norm_k),
+                         heads(attn.add_k_proj(encoder_hidden_states), attn.norm_added_k)], dim=2)
+        value = torch.cat([heads(attn.to_v(hidden_states)), heads(attn.add_v_proj(encoder_hidden_states))], dim=2)
+        bias = torch.zeros(1, key.shape[2], dtype=query.dtype)  # added to every query's scores
+        bias[0, -1] = self.log_copies
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(out.shape[0], -1, query.shape[1] * query.shape[-1])
+        hidden_states, encoder_hidden_states = out[:, :image_tokens], out[:, image_tokens:]
+        if not attn.context_pre_only:
+            encoder_hidden_states = attn.to_add_out(encoder_hidden_states)
+        return attn.to_out[1](attn.to_out[0](hidden_states)), encoder_hidden_states
+
+
+def flow_components(sd_dir: Path, layers: int):
+    """digits-flow's parts: digits-sd's tokenizer (for both CLIP slots), two copies of digits-sd's text encoder as
+    CLIPTextModelWithProjection with new projections, digits-sd's VAE, and a new SD3Transformer2DModel on its
+    8x8x4 latents (2x2 patches: 16 image tokens). No T5: the pipeline then conditions on zeros in its place."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from safetensors.torch import load_file
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(sd_dir / "tokenizer")
+    sd_text = CLIPTextModel.from_pretrained(sd_dir / "text_encoder", use_safetensors=True)
+    encoders = []
+    for _ in range(2):
+        config = CLIPTextConfig.from_pretrained(sd_dir / "text_encoder", projection_dim=FLOW_PROJECTION_DIM)
+        encoder = CLIPTextModelWithProjection(config)
+        encoder.text_model.load_state_dict(sd_text.state_dict())  # all but the new projection is digits-sd's
+        encoders.append(encoder)
+    # From its config and weights: from_pretrained would write the path it came from into the copy's config.
+    # fork_rng: the random init, overwritten at once, leaves the seeded stream to the transformer's init.
+    with torch.random.fork_rng():
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(sd_dir / "vae"))
+    vae.load_state_dict(load_file(sd_dir / "vae" / "diffusion_pytorch_model.safetensors"))
+    hidden = sd_text.config.hidden_size
+    transformer = SD3Transformer2DModel(
+        sample_size=SIZE // 4, patch_size=2, in_channels=4, out_channels=4, num_layers=layers,
+        attention_head_dim=16, num_attention_heads=4, joint_attention_dim=2 * hidden, caption_projection_dim=64,
+        pooled_projection_dim=2 * FLOW_PROJECTION_DIM, pos_embed_max_size=8, qk_norm="rms_norm",
+    )
+    return tokenizer, encoders, vae, transformer
+
+
+def train_flow(out_dir: Path, sd_dir: Path, steps: int, gen: torch.Generator, classifier: str | None = None,
+               shift: float = 3.0, layers: int = 6, batch: int = 32, lr: float = 1e-3) -> None:
+    """Rectified flow (Esser et al. 2024): x_sigma = (1 - sigma) x0 + sigma noise, the transformer learns the
+    velocity noise - x0 at timestep 1000 sigma, sigma drawn logit-normal (SD3's choice: mid noise levels most)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from runner.families.sd3 import T5_TOKENS
+
+    train_x, train_y = load_digit_split()[:2]
+    data = to_model_range(train_x)
+    tokenizer, encoders, vae, transformer = flow_components(sd_dir, layers)
+    vae.eval().requires_grad_(False)
+    with torch.no_grad():
+        posterior = vae.encode(data.expand(-1, 3, -1, -1)).latent_dist
+        mean, std = posterior.mean, posterior.std
+    # SD3's VAE convention, latents = (x - shift_factor) * scaling_factor; digits-sd's latents are centred enough
+    # (the mean is printed) that its scale alone serves, with shift 0.
+    vae.register_to_config(shift_factor=0.0)
+    scaling_factor = vae.config.scaling_factor
+    print(f"[flow] digits-sd latents: mean {float(mean.mean()):.3f}, scaled std "
+          f"{float((mean * scaling_factor).std()):.3f}", flush=True)
+
+    prompts = PromptIds(tokenizer, torch.from_numpy(train_y))
+
+    def condition(text_encoders, input_ids):
+        """As the pipeline encodes a prompt: both CLIPs' penultimate states side by side, then the zero token that
+        stands for T5's 256; pooled: both projections."""
+        outs = [encoder(input_ids, output_hidden_states=True) for encoder in text_encoders]
+        clip = torch.cat([out.hidden_states[-2] for out in outs], dim=-1)
+        t5 = torch.zeros(len(input_ids), 1, clip.shape[-1])
+        return torch.cat([clip, t5], dim=1), torch.cat([out.text_embeds for out in outs], dim=-1)
+
+    emas = [EMA(transformer, 0.995)] + [EMA(encoder, 0.995) for encoder in encoders]
+    transformer.set_attn_processor(RepeatedTokenAttention(T5_TOKENS))  # after the EMA copy, which keeps the default
+
+    def flow_step(step):
+        x0, input_ids = latent_batch(mean, std, scaling_factor, prompts, batch, gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        sigma = torch.sigmoid(torch.randn(batch, generator=gen))
+        noisy = (1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise
+        embeds, pooled = condition(encoders, input_ids)
+        velocity = transformer(hidden_states=noisy, timestep=sigma * 1000, encoder_hidden_states=embeds,
+                               pooled_projections=pooled).sample
+        return F.mse_loss(velocity, noise - x0)
+
+    transformer.train(), [encoder.train() for encoder in encoders]
+    modules = [transformer] + encoders
+    params = [p for module in modules for p in module.parameters()]
+    sec = train_loop("flow", params, steps, lr, flow_step, emas=list(zip(emas, modules)))
+    ema_transformer, ema_1, ema_2 = (ema.module for ema in emas)
+    pipe = StableDiffusion3Pipeline(
+        transformer=ema_transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=shift), vae=vae,
+        text_encoder=ema_1, tokenizer=tokenizer, text_encoder_2=ema_2, tokenizer_2=tokenizer,
+        text_encoder_3=None, tokenizer_3=None)
+    pipe.save_pretrained(out_dir, safe_serialization=True)
+    print(f"[flow] {sec:.3f} CPU s/step", flush=True)
+    evaluate_flow(out_dir, classifier)
+
+
+@torch.no_grad()
+def evaluate_flow(model_dir: Path, classifier: str | None = None, seeds=(0, 1, 2), steps: int = 20,
+                  guidances=(1.0, 3.0, 7.5), shifts=(1.0, 3.0)) -> dict:
+    """digits-flow through StableDiffusion3Pipeline, its flow Euler scheduler at each shift."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(model_dir, use_safetensors=True, text_encoder_3=None,
+                                                    tokenizer_3=None)  # diffusers wants left-out parts named
+    pipe.set_progress_bar_config(disable=True)
+    results = {}
+    for shift in shifts:
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
+        for guidance in guidances:
+            acc, adherence = results[shift, guidance] = score_prompted(pipe, seeds, steps, guidance, classifier)
+            print(f"[flow] flow Euler shift {shift} {steps} steps, guidance {guidance}: classified as prompted "
+                  f"{acc:.3f}, mean adherence {adherence:.3f}", flush=True)
+    return results
+
+
 # ---------------------------------------------------------------- CLI
+
+MODELS = ["classifier", "ddpm", "sd", "flow"]  # in training order: flow starts from digits-sd
+
+
+def sd_dir(out: Path) -> Path:
+    """The digits-sd that digits-flow starts from: the one just trained into `out`, else the shipped one."""
+    trained = out / "digits-sd"
+    return trained if (trained / "model_index.json").exists() else EMBEDDED_MODELS_DIR / "digits-sd"
+
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--out", type=Path, default=EMBEDDED_MODELS_DIR)
-    parser.add_argument("--only", nargs="+", choices=["classifier", "ddpm", "sd"], default=["classifier", "ddpm", "sd"],
-                        help="which models to train (the diffusion models' printed scores use the classifier in --out)")
+    parser.add_argument("--only", nargs="+", choices=MODELS, default=MODELS,
+                        help="which models to train (the diffusion models' printed scores use the classifier in --out; "
+                             "flow starts from the digits-sd in --out, or the shipped one)")
     parser.add_argument("--classifier-steps", type=int, default=3000)
     parser.add_argument("--ddpm-steps", type=int, default=6000)
     parser.add_argument("--vae-steps", type=int, default=800)
     parser.add_argument("--sd-steps", type=int, default=2000)
+    parser.add_argument("--flow-steps", type=int, default=4000)
+    parser.add_argument("--flow-shift", type=float, default=3.0, help="the shift digits-flow's scheduler ships with")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1 reproduces the shipped weights)")
     args = parser.parse_args(argv)
@@ -397,8 +583,10 @@ def main(argv=None) -> None:
     classifier = str(classifier) if "classifier" in args.only or (classifier / "config.json").exists() else None
     jobs = {"classifier": lambda gen: train_classifier(args.out / "digits-classifier", args.classifier_steps, gen),
             "ddpm": lambda gen: train_ddpm(args.out / "digits-ddpm", args.ddpm_steps, gen, classifier),
-            "sd": lambda gen: train_sd(args.out / "digits-sd", args.vae_steps, args.sd_steps, gen, classifier)}
-    for name in ["classifier", "ddpm", "sd"]:
+            "sd": lambda gen: train_sd(args.out / "digits-sd", args.vae_steps, args.sd_steps, gen, classifier),
+            "flow": lambda gen: train_flow(args.out / "digits-flow", sd_dir(args.out), args.flow_steps, gen, classifier,
+                                           shift=args.flow_shift)}
+    for name in MODELS:
         if name in args.only:
             # One seed per model, so each reproduces alone (--only) as in a full run.
             torch.manual_seed(args.seed)
