@@ -74,6 +74,7 @@ def test_experiment_by_name(tmp_path):
     assert set(table.scheduler) == {"dpmpp_2m"}
 
 
+@pytest.mark.slow
 def test_bad_value_is_one_clear_line_and_writes_nothing(tmp_path):
     result = run_cli("guidance=-1", f"hydra.run.dir={tmp_path / 'bad'}", cwd=tmp_path)
     assert result.returncode == 2
@@ -103,11 +104,13 @@ def probe_cli(*flags):
     return result.stdout
 
 
+@pytest.mark.slow
 def test_cfg_imports_no_heavy_libraries():
     out = probe_cli("--cfg", "job")
     assert "prompt: a handwritten digit seven" in out and "HEAVY: []" in out
 
 
+@pytest.mark.slow
 def test_help_lists_every_group_with_its_options_and_imports_no_heavy_libraries():
     """README, Configuration: `python -m runner --help` lists the groups (and prints the config), in an instant."""
     out = probe_cli("--help")

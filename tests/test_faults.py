@@ -31,6 +31,7 @@ def model_copy(tmp_path):
 
 # ------------------------------------------------------------------ 10. errors users meet: one line, exit 2
 
+@pytest.mark.slow
 @pytest.mark.parametrize("override,expected", [
     ("scheduler=nosuch", "error: scheduler=nosuch is not allowed: one of ddim, ddpm, default,"),
     ("model=nosuch", "error: model=nosuch is not allowed: one of ddpm-cat-256, digits-ddpm, digits-flow, "
@@ -44,6 +45,7 @@ def test_unknown_option_or_key_is_one_line_and_exit_2(override, expected, tmp_pa
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_an_unknown_option_in_a_sweep_is_one_line_before_any_job(tmp_path):
     line = one_error_line(run_cli("-m", "scheduler=ddim,unpic", "steps=2", f"hydra.sweep.dir={tmp_path / 's'}",
                                   cwd=tmp_path))
@@ -51,6 +53,7 @@ def test_an_unknown_option_in_a_sweep_is_one_line_before_any_job(tmp_path):
     assert not list((tmp_path / "s").glob("*/rows.parquet"))
 
 
+@pytest.mark.slow
 def test_an_added_top_level_key_the_runner_does_not_read_warns(tmp_path):
     result = run_cli("+guidence=3", "steps=0", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert "warning: +guidence is not a key the runner reads; it is only recorded in the config (did you mean " \
@@ -67,6 +70,7 @@ def test_an_invalid_model_index_is_reported_as_invalid_not_missing(model_copy, c
 
 # ------------------------------------------------------------------ 12. dry runs and empty sweeps
 
+@pytest.mark.slow
 def test_a_dry_run_with_a_refused_value_exits_2(tmp_path):
     single = run_cli("steps=0", "dry_run=true", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert single.returncode == 2 and "error: steps=0 is not allowed" in single.stdout
@@ -76,6 +80,7 @@ def test_a_dry_run_with_a_refused_value_exits_2(tmp_path):
     assert not (tmp_path / "run").exists() and not (tmp_path / "dry").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("empty", ["seed=range(0,0)", "steps=range(5,1)"])
 def test_an_empty_sweep_is_one_line_and_exit_2(empty, tmp_path):
     line = one_error_line(run_cli("-m", empty, "guidance=3,4", f"hydra.sweep.dir={tmp_path / 's'}", cwd=tmp_path))
@@ -104,6 +109,7 @@ MODEL_FAULTS = ["model_index is a list", "unet config without sample_size", "saf
                 "safetensors offsets are strings"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", MODEL_FAULTS)
 def test_a_broken_model_dir_is_one_line_for_a_run(case, model_copy, tmp_path):
     corrupt_model(model_copy, case)
@@ -117,12 +123,14 @@ BAD_POINTS = [("seed", "18446744073709551616"), ("steps", "18446744073709551616"
               ("width", str(2**64))]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("key,value", BAD_POINTS)
 def test_a_huge_value_is_one_line_for_a_run(key, value, tmp_path):
     line = one_error_line(run_cli(f"{key}={value}", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path))
     assert line.startswith(f"error: {key}={value} is not allowed: ")
 
 
+@pytest.mark.slow
 def test_every_bad_point_becomes_its_failed_row_and_the_table_is_still_written(model_copy, tmp_path):
     broken = []
     for case in MODEL_FAULTS:
@@ -147,6 +155,7 @@ def test_every_bad_point_becomes_its_failed_row_and_the_table_is_still_written(m
     assert len(summary) == 9 and sum(": seed=18446744073709551616 is not allowed" in line for line in summary) == 5
 
 
+@pytest.mark.slow
 def test_huge_steps_and_sizes_fail_only_their_points(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli("-m", "model=tiny-sd", f"steps=2,{2**64}", f"height=64,{2**63}", f"width=64,{2**64}",
@@ -158,6 +167,7 @@ def test_huge_steps_and_sizes_fail_only_their_points(tmp_path):
         f"steps={2**64}", f"height={2**63}", f"width={2**64}"}
 
 
+@pytest.mark.slow
 def test_a_truncated_rows_file_is_redrawn_on_resume(tmp_path):
     sweep = tmp_path / "sweep"
     args = ("-m", "model=tiny-sd", "steps=2", "seed=[0,1]", f"hydra.sweep.dir={sweep}")
@@ -173,6 +183,7 @@ def test_a_truncated_rows_file_is_redrawn_on_resume(tmp_path):
     assert len(pd.read_parquet(sweep / "results.parquet")) == 2
 
 
+@pytest.mark.slow
 def test_an_exception_outside_the_drawing_fails_only_its_point(tmp_path):
     sweep = tmp_path / "sweep"
     result = run_cli("-m", "model=tiny-sd", "steps=2", "seed=0,1,${oc.env:RUNNER_NO_SUCH_VARIABLE}",
@@ -219,6 +230,7 @@ def test_non_finite_latents_fail_the_point_with_no_image(model_copy, tmp_path):
 
 # ------------------------------------------------------------------ 13. image size within a pixel budget
 
+@pytest.mark.slow
 def test_an_image_too_large_for_memory_is_refused_before_loading(tmp_path):
     from runner.spec import MAX_PIXELS
 
@@ -235,6 +247,7 @@ def tree(directory: Path) -> dict:
     return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None for p in sorted(directory.rglob("*"))}
 
 
+@pytest.mark.slow
 def test_a_refused_run_in_a_used_dir_removes_only_what_it_wrote(tmp_path):
     work = tmp_path / "D"
     (work / ".hydra").mkdir(parents=True)
@@ -245,6 +258,7 @@ def test_a_refused_run_in_a_used_dir_removes_only_what_it_wrote(tmp_path):
     assert tree(work) == before
 
 
+@pytest.mark.slow
 def test_dry_runs_leave_finished_jobs_reproducible(small_sweep, tmp_path):
     sweep = tmp_path / "sweep"
     shutil.copytree(small_sweep, sweep)
@@ -268,6 +282,7 @@ def run_reproduce(*args, cwd, env=None):
                           text=True, timeout=300, env=dict(os.environ, **(env or {})))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["a copy of the job", "the job itself", "inside the job"])
 def test_reproduce_refuses_an_out_dir_that_is_not_fresh(where, small_sweep, tmp_path):
     job = tmp_path / "job"
@@ -281,6 +296,7 @@ def test_reproduce_refuses_an_out_dir_that_is_not_fresh(where, small_sweep, tmp_
     assert tree(tmp_path) == before
 
 
+@pytest.mark.slow
 def test_reproduce_reports_a_job_it_cannot_rerun_in_one_line_and_goes_on(small_sweep, tmp_path):
     sweep = tmp_path / "sweep"
     shutil.copytree(small_sweep, sweep)
@@ -297,6 +313,7 @@ def test_reproduce_reports_a_job_it_cannot_rerun_in_one_line_and_goes_on(small_s
     assert lines[-1] == "1/3 job(s) reproduced identically"
 
 
+@pytest.mark.slow
 def test_reproduce_redraws_on_the_recorded_thread_count(tmp_path):
     job = tmp_path / "job"
     drawn = run_cli("model=tiny-sd", "steps=2", f"hydra.run.dir={job}", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
@@ -319,6 +336,7 @@ def test_reproduce_warns_when_the_thread_count_differs():
 TYPED_SECRETS = ("hunter2sentinel", "hf_typedsentinel0", "hf_typedsentinel1")
 
 
+@pytest.mark.slow
 def test_typed_secrets_reach_no_file_log_or_wandb_run(tmp_path):
     from wandb_records import read_run
 
@@ -343,6 +361,7 @@ def test_typed_secrets_reach_no_file_log_or_wandb_run(tmp_path):
     assert len(set(table.config_hash)) == 1  # a secret never changes an image: both points hash the same
 
 
+@pytest.mark.slow
 def test_reproduce_never_reads_the_environment_into_new_files(tmp_path):
     job = tmp_path / "job"
     drawn = run_cli("model=tiny-sd", "steps=2", "prompt=${oc.env:RUNNER_TEST_PROMPT}", f"hydra.run.dir={job}",
@@ -367,6 +386,7 @@ def test_reproduce_never_reads_the_environment_into_new_files(tmp_path):
 
 # ------------------------------------------------------------------ 2. a sweep dir holds one sweep (or appended ones)
 
+@pytest.mark.slow
 def test_a_different_sweep_into_a_used_dir_is_refused_unless_appended(tmp_path):
     sweep = tmp_path / "sweep"
     first = run_cli("-m", "model=tiny-sd", "steps=2", "scheduler=ddpm,unipc", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
@@ -394,6 +414,7 @@ def test_a_different_sweep_into_a_used_dir_is_refused_unless_appended(tmp_path):
     assert len(pd.read_parquet(sweep / "results.parquet")) == 3
 
 
+@pytest.mark.slow
 def test_a_live_sweep_holds_its_dir(tmp_path):
     import fcntl
 
@@ -409,6 +430,7 @@ def test_a_live_sweep_holds_its_dir(tmp_path):
     assert [p.name for p in sweep.iterdir()] == [".sweep.lock"]
 
 
+@pytest.mark.slow
 def test_a_parent_dir_as_sweep_dir_gathers_only_this_sweeps_jobs(tmp_path):
     from runner.record import write_table
 
@@ -425,6 +447,7 @@ def test_a_parent_dir_as_sweep_dir_gathers_only_this_sweeps_jobs(tmp_path):
 
 # ------------------------------------------------------------------ 11. Ctrl-C: one line, exit 130, resumable
 
+@pytest.mark.slow
 def test_ctrl_c_is_one_line_exit_130_and_the_printed_command_resumes(tmp_path):
     import os
     import shlex
@@ -459,6 +482,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_printed_command_resumes(tmp_path):
 
 # ------------------------------------------------------------------ 14. a dry run at scale streams its lines
 
+@pytest.mark.slow
 def test_a_dry_run_checks_each_point_as_hydra_composes_it(tmp_path):
     # group choices (model), values (steps, seed) and an added key, swept: each job's config must be its own
     result = run_cli("-m", "model=tiny-sd,digits-ddpm", "steps=3,0", "seed=[0,1],[2]",
@@ -493,6 +517,7 @@ def offline_runs(sweep: Path) -> list[Path]:
     return sorted((sweep / "wandb").glob("offline-run-*"))
 
 
+@pytest.mark.slow
 def test_a_resumed_sweep_writes_the_wandb_runs_it_never_wrote(tmp_path):
     from wandb_records import read_run
 
@@ -513,6 +538,7 @@ def test_a_resumed_sweep_writes_the_wandb_runs_it_never_wrote(tmp_path):
     assert len([r for r in map(read_run, offline_runs(sweep)) if r["run"].display_name != "sweep-summary"]) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("os").geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
 def test_a_full_disk_is_one_wandb_warning_and_leaves_no_half_written_run(tmp_path):
     from wandb_records import read_run
@@ -537,6 +563,7 @@ def test_a_full_disk_is_one_wandb_warning_and_leaves_no_half_written_run(tmp_pat
             assert read_run(run_dir)["run"].display_name.startswith("guidance=")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(__import__("os").geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
 def test_a_disk_too_full_for_hydra_is_one_error_line(tmp_path):
     with small_disk(tmp_path / "disk", "64k") as disk:
@@ -549,6 +576,7 @@ def test_a_disk_too_full_for_hydra_is_one_error_line(tmp_path):
     assert len(errors) == 1 and errors[0].startswith("error: the disk is full"), output
 
 
+@pytest.mark.slow
 def test_an_identical_sweep_started_while_one_runs_is_refused_so_no_run_is_written_twice(tmp_path):
     import os
     import signal
@@ -596,6 +624,7 @@ def alive(pid: int) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_the_workers_of_a_killed_parallel_sweep_exit(tmp_path):
     import os
     import signal

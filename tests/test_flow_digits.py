@@ -67,6 +67,7 @@ def test_the_runner_draws_the_pipelines_images(model, seeds, tmp_path):
         assert np.abs(ours - (image * 255).round().astype(int)).max() <= 1
 
 
+@pytest.mark.slow
 def test_digits_flow_draws_the_prompted_digit_and_guidance_helps(tmp_path):
     """Through the runner itself (SD3 family, flow_euler, 20 steps), ten digits x three seeds."""
     common = ("model=digits-flow", "scheduler=flow_euler", "steps=20", DIGIT_PROMPTS, "seed=[0,1,2]")
@@ -79,6 +80,7 @@ def test_digits_flow_draws_the_prompted_digit_and_guidance_helps(tmp_path):
     assert guided[0]["nfe"] == 20 and unguided[0]["nfe"] == 20  # a CFG pair counts as one evaluation
 
 
+@pytest.mark.slow
 def test_digits_flow_sweeps_schedulers_steps_and_shift(tmp_path):
     """The README's flow command, smaller: 2 schedulers x 2 step counts x 2 shifts, offline on CPU."""
     sweep = tmp_path / "sweep"
@@ -108,6 +110,7 @@ def test_digits_flow_sweeps_schedulers_steps_and_shift(tmp_path):
     assert plain.log_snr[0] == -np.inf  # pure noise
 
 
+@pytest.mark.slow
 def test_tiny_sd3_sweep_logs_dry_runs_reproduces_resumes_and_reports(tmp_path):
     """The parts around the loop work for a flow family unchanged: W&B (with log-SNR), dry run, reproduce, resume
     and the report (with its log-SNR chart)."""

@@ -158,6 +158,7 @@ def test_sdxl_matches_k_diffusion_called_by_hand(k, tmp_path):
     assert (row["nfe"], row["unet_evals"]) == (STEPS, 2 * STEPS)
 
 
+@pytest.mark.slow
 def test_loading_k_diffusion_imports_neither_its_package_nor_torchvision(k):
     import subprocess
 

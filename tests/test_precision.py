@@ -95,6 +95,7 @@ def test_bad_options_are_refused_in_one_line(overrides, message):
     assert str(err.value).startswith(message)
 
 
+@pytest.mark.slow
 def test_cli_refuses_cpu_offload_on_cpu(tmp_path):
     result = run_cli("device=cpu", "precision.cpu_offload=true", cwd=tmp_path)
     assert result.returncode == 2

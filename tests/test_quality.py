@@ -148,6 +148,7 @@ def test_clip_features_need_local_weights(tmp_path):
 
 # Converged references (runner.reference) ------------------------------------------------------------------------
 
+@pytest.mark.slow
 def test_a_reference_that_has_not_converged_is_flagged_and_references_are_reused(small_sweep, tmp_path, caplog):
     from runner.convergence import add_convergence, distances
     from runner.reference import converged_references
@@ -186,6 +187,7 @@ def quality_sweep(tmp_path_factory):
     return root / "sweep"
 
 
+@pytest.mark.slow
 def test_the_sweep_end_adds_converged_references_and_distribution_columns(quality_sweep):
     table = pd.read_parquet(quality_sweep / "results.parquet")
     assert set(table["ref_scheduler"]) == {"dpmpp_2m"} and set(table["ref_steps"]) == {8}
@@ -198,6 +200,7 @@ def test_the_sweep_end_adds_converged_references_and_distribution_columns(qualit
 
 # The frontier figure and the paper table (runner.quality) --------------------------------------------------------
 
+@pytest.mark.slow
 def test_frontier_figure_has_a_line_per_sampler_with_ci_bars_and_marks_the_frontier(quality_sweep):
     from runner.quality import frontier_figure
 
@@ -217,6 +220,7 @@ def test_frontier_figure_has_a_line_per_sampler_with_ci_bars_and_marks_the_front
     assert list(lines["frontier"].x) == list(front["nfe"]) and np.allclose(lines["frontier"].y, front["psnr_to_ref"])
 
 
+@pytest.mark.slow
 def test_paper_table_rows_samplers_columns_nfe_and_ties_in_bold(quality_sweep):
     from runner.quality import paper_table, paper_table_html
 
@@ -235,6 +239,7 @@ def test_paper_table_rows_samplers_columns_nfe_and_ties_in_bold(quality_sweep):
         assert bold == ([True, True] if not results.different(a, b) else [a["mean"] > b["mean"], b["mean"] > a["mean"]])
 
 
+@pytest.mark.slow
 def test_report_has_the_quality_section_and_keeps_the_sweeps_converged_references(quality_sweep, tmp_path):
     from runner.report import write_report
 
@@ -245,12 +250,14 @@ def test_report_has_the_quality_section_and_keeps_the_sweeps_converged_reference
 
 # The multi-objective search (experiments/nfe_search.yaml) -------------------------------------------------------
 
+@pytest.mark.slow
 def test_optimize_names_are_checked(tmp_path):
     result = run_cli("+optimize=[prompt_adherence,sharpness]", cwd=tmp_path)
     assert result.returncode == 2 and result.stderr.strip().count("\n") == 0
     assert result.stderr.startswith("error: optimize='sharpness' is not allowed: a list of: prompt_adherence")
 
 
+@pytest.mark.slow
 def test_search_finishes_with_a_pareto_set_non_dominated_among_its_trials(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the search extra: pip install -e '.[search]'")
     from omegaconf import OmegaConf

@@ -80,6 +80,7 @@ def test_report_of_two_sweeps_and_out(small_sweep, tmp_path):
     assert not (small_sweep / "report").exists()
 
 
+@pytest.mark.slow
 def test_report_bad_path(tmp_path):
     result = run_report(tmp_path / "nope", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr

@@ -47,7 +47,7 @@ def test_reproduce_reports_differences_and_environment(small_sweep, tmp_path):
     result = run_reproduce(job, cwd=tmp_path)  # README: default out results/reproduce/<time>/ where it is run
     assert result.returncode == 1, result.stdout + result.stderr
     out, = (tmp_path / "results" / "reproduce").iterdir()
-    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d", out.name)
+    assert re.fullmatch(r"\d{4}-\d\d-\d\d_\d\d-\d\d-\d\d_\d+", out.name)  # <time>_<pid>
     new_rows = pd.read_parquet(out / "rows.parquet")  # the redrawn images are the recorded ones, not the edited one
     assert list(new_rows["image_sha256"]) == list(rows["image_sha256"])
     assert all((out / p).is_file() for p in new_rows["image_path"])
@@ -60,6 +60,7 @@ def test_reproduce_reports_differences_and_environment(small_sweep, tmp_path):
     assert "0/1 job(s) reproduced identically" in result.stdout
 
 
+@pytest.mark.slow
 def test_reproduce_bad_path(tmp_path):
     result = run_reproduce(tmp_path / "missing", cwd=tmp_path)
     assert result.returncode == 2 and "Traceback" not in result.stderr

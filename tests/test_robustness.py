@@ -27,6 +27,7 @@ def model_copy(tmp_path):
     return target
 
 
+@pytest.mark.slow
 def test_truncated_weights_are_refused_before_loading(model_copy, tmp_path):
     weights = model_copy / "unet" / "diffusion_pytorch_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-1000])
@@ -68,6 +69,7 @@ def test_a_prompt_past_the_token_limit_warns_with_the_count(tmp_path, caplog):
     assert "prompt is 5 token(s) longer than the tokenizer's limit of 77; they are dropped" in caplog.text
 
 
+@pytest.mark.slow
 def test_config_with_a_forbidden_target_is_refused_before_it_runs(tmp_path):
     # builtins.open, not os.system: Hydra 1.3 already refuses os.system itself, but would call open(marker, "w")
     marker = tmp_path / "PWNED"
@@ -180,10 +182,11 @@ def test_a_really_full_disk_fails_the_point_and_leaves_earlier_files_intact(tmp_
 @pytest.mark.slow
 def test_sigkill_mid_sweep_then_resume_gives_exactly_the_right_rows(tmp_path):
     sweep = tmp_path / "sweep"
-    # one image per batch: the PNGs land one by one, so the kill can fall inside a job
-    args = [sys.executable, "-m", "runner", "-m", "scheduler=ddpm,unipc,lms,euler", "seed=[0,1]", "steps=40",
-            "sampling.batch_size=1", "device=cpu", f"hydra.sweep.dir={sweep}"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    # one image per batch: the PNGs land one by one, so the kill can fall inside a job (an image takes tenths of a
+    # second at 20 steps; the poll below looks every 10 ms)
+    args = [sys.executable, "-m", "runner", "-m", "scheduler=ddpm,unipc,lms,euler", "seed=[0,1]", "steps=20",
+            "sampling.batch_size=1", "sampling.progress=false", "device=cpu", f"hydra.sweep.dir={sweep}"]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
     deadline = time.monotonic() + 300
@@ -193,7 +196,7 @@ def test_sigkill_mid_sweep_then_resume_gives_exactly_the_right_rows(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
             pytest.fail(f"the sweep drew fewer than 3 images before it {'ended' if ended else 'timed out'}")
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.killpg(process.pid, signal.SIGKILL)
     assert process.wait(timeout=30) == -signal.SIGKILL  # killed mid-sweep, not finished
     # nothing torn under a final name: every PNG and parquet that exists reads whole

@@ -179,6 +179,7 @@ def test_refusals_are_one_line(overrides, message):
     assert "\n" not in str(error.value)
 
 
+@pytest.mark.slow
 def test_cli_refuses_a_spacing_the_scheduler_lacks_with_exit_2(tmp_path):
     result = run_cli("scheduler=ddim", "schedule=karras", "model=tiny-sd", cwd=tmp_path)
     assert result.returncode == 2
@@ -186,6 +187,7 @@ def test_cli_refuses_a_spacing_the_scheduler_lacks_with_exit_2(tmp_path):
     assert not list(tmp_path.rglob("*.png"))
 
 
+@pytest.mark.slow
 def test_sdxl_sweep_over_schedulers_backends_and_spacings_runs_offline_with_costs(tmp_path):
     """The issue's acceptance command: diffusers and k-diffusion samplers × default and Karras spacing on tiny-sdxl."""
     result = run_cli("-m", "model=tiny-sdxl", "scheduler=euler,dpmpp_2m,k_dpmpp_2m", "schedule=default,karras",

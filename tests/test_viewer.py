@@ -15,6 +15,7 @@ import pytest
 from tests.conftest import read_png, run_cli
 from tests.test_report import data_rows, report_data
 
+pytestmark = pytest.mark.slow  # a browser on the report of a sweep made through the CLI
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 
 
