@@ -173,6 +173,8 @@ if __name__ == "__main__":
         logging.shutdown()
         sys.stdout.flush()
         sys.stderr.flush()
+        if "joblib" in sys.modules:  # hydra/launcher=gpus: loky's exit handlers end its workers and semaphores
+            sys.exit(130)
         # Not sys.exit: tearing down torch, diffusers and transformers takes seconds, and there is nothing left to
         # save (the lock goes with the process, a W&B logger process finishes the runs it holds on its own)
         os._exit(130)

@@ -39,6 +39,7 @@ def pin_worker_gpu(launcher_target: str) -> str | None:
     if launcher_target != JOBLIB_LAUNCHER:
         return None
     exit_with_parent()
+    progress_bars_without_semaphores()
     if "gpu" not in _pinned:
         gpus = visible_gpus()
         if not gpus:
@@ -95,3 +96,14 @@ def exit_with_parent() -> None:
 
     _watching.append(threading.Thread(target=watch, name="runner-exit-with-parent", daemon=True))
     _watching[0].start()
+
+
+def progress_bars_without_semaphores() -> None:
+    """tqdm guards its bars with a multiprocessing lock, a named semaphore; a worker that is killed (Ctrl-C, its
+    parent gone) leaves it behind, and multiprocessing's resource tracker warns about it. A worker's bars are its
+    own: a thread lock is enough."""
+    import threading
+
+    from tqdm.auto import tqdm
+
+    tqdm.set_lock(threading.RLock())
