@@ -12,7 +12,6 @@ from omegaconf import DictConfig
 from runner.context import SWEEP_SIZE_ENV, SWEPT_KEYS_ENV, as_typed
 
 log = logging.getLogger("runner")
-ORDERED_SWEEPER = "hydra_plugins.runner_sweeper.ordered_sweeper.ModelOrderedSweeper"
 
 
 def sweep_axes(overrides: list[str]) -> dict[str, int]:
@@ -81,11 +80,28 @@ class SweepResults(Callback):
         from runner.launch import SWEEP_PID_ENV
 
         os.environ[SWEEP_PID_ENV] = str(os.getpid())  # launcher workers exit when this process is gone
-        own_sweeper = config.hydra.sweeper.get("_target_") == ORDERED_SWEEPER
+        own_sweeper = config.hydra.runtime.choices.get("hydra/sweeper") == "ordered"  # conf/hydra/sweeper/ordered
         first_job = sweepdir.start(Path(config.hydra.sweep.dir), overrides,
                                    math.prod(axes.values()) if axes is not None else None,
                                    bool(config.get(sweepdir.APPEND_KEY)), own_sweeper)
         os.environ[sweepdir.FIRST_JOB_ENV] = str(first_job)
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        """Hydra's own sweepers (hydra/sweeper=basic, optuna) save multirun.yaml as typed, secrets included (the
+        runner's sweeper saves it redacted): redact it before the first job draws."""
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        from runner.context import redact_yaml
+        from runner.record import atomic_write_bytes
+
+        hydra_cfg = HydraConfig.get()
+        path = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+        if hydra_cfg.mode != RunMode.MULTIRUN or not path.is_file():
+            return
+        text = path.read_text()
+        if redact_yaml(text) != text:
+            atomic_write_bytes(path, redact_yaml(text).encode())
 
     def remember_sweep_dir(self, sweep_dir: Path) -> None:
         """Before a dry run's jobs: what the sweep dir and its job dirs hold, so that each job and the end of the

@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+WORKER_LAUNCHERS = ("gpus", "joblib")  # hydra/launcher options whose jobs run in reusable joblib worker processes
 CPU_WORKERS = 2  # `hydra/launcher=gpus` on a machine without GPU: this many processes
 
 _pinned: dict = {}  # this process's claim: {"gpu": id, "lock": open file}, kept for the process's life
@@ -33,10 +33,11 @@ def default_workers() -> int:
     return len(visible_gpus()) or CPU_WORKERS
 
 
-def pin_worker_gpu(launcher_target: str) -> str | None:
-    """In a joblib worker, claim one GPU for this process (once) and return its id; None elsewhere or on CPU. The
-    worker also starts watching for its parent's death (exit_with_parent)."""
-    if launcher_target != JOBLIB_LAUNCHER:
+def pin_worker_gpu(launcher_option: str | None) -> str | None:
+    """In a joblib worker (`launcher_option`: the hydra/launcher choice), claim one GPU for this process (once) and
+    return its id; None elsewhere or on CPU. The worker also starts watching for its parent's death
+    (exit_with_parent)."""
+    if launcher_option not in WORKER_LAUNCHERS:
         return None
     exit_with_parent()
     progress_bars_without_semaphores()

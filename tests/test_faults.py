@@ -342,6 +342,16 @@ def test_typed_secrets_reach_no_file_log_or_wandb_run(tmp_path):
     assert len(set(table.config_hash)) == 1  # a secret never changes an image: both points hash the same
 
 
+def test_hydras_own_sweeper_leaves_no_typed_secret_in_multirun_yaml(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "hydra/sweeper=basic", "model=tiny-sd", "steps=2", f"+db_password={TYPED_SECRETS[0]}",
+                     "wandb.mode=disabled", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "db_password: '***'" in (sweep / "multirun.yaml").read_text()
+    for path in (p for p in sweep.rglob("*") if p.is_file()):
+        assert TYPED_SECRETS[0].encode() not in path.read_bytes(), f"the secret leaked into {path}"
+
+
 def test_reproduce_never_reads_the_environment_into_new_files(tmp_path):
     job = tmp_path / "job"
     drawn = run_cli("model=tiny-sd", "steps=2", "prompt=${oc.env:RUNNER_TEST_PROMPT}", f"hydra.run.dir={job}",
