@@ -60,18 +60,20 @@ class SweepResults(Callback):
         overrides += [f"{k}={v}" for k, v in (as_typed(config.hydra.sweeper.get("params")) or {}).items()]
         search = config.hydra.sweeper.get("search")
         if search:  # a search (experiments/nfe_search.yaml): its trials, and the keys it varies
-            os.environ[SWEEP_SIZE_ENV] = str(search.get("n_trials", "?"))
+            axes, jobs = None, search.get("n_trials")
+            os.environ[SWEEP_SIZE_ENV] = str(jobs or "?")
             os.environ[SWEPT_KEYS_ENV] = ",".join(search.get("params") or {})
-            return
-        try:
-            axes = sweep_axes(overrides)
-        except Exception:  # a sweeper with its own syntax: the job lines show "?" and W&B names every override
-            axes = None
-            os.environ.pop(SWEEP_SIZE_ENV, None)
-            os.environ.pop(SWEPT_KEYS_ENV, None)
+        else:
+            try:
+                axes = sweep_axes(overrides)
+            except Exception:  # a sweeper with its own syntax: the job lines show "?" and W&B names every override
+                axes = None
+                os.environ.pop(SWEEP_SIZE_ENV, None)
+                os.environ.pop(SWEPT_KEYS_ENV, None)
+            jobs = math.prod(axes.values()) if axes is not None else None
         if axes is not None:
             refuse_empty_axes(overrides, axes)
-            os.environ[SWEEP_SIZE_ENV] = str(math.prod(axes.values()))
+            os.environ[SWEEP_SIZE_ENV] = str(jobs)
             os.environ[SWEPT_KEYS_ENV] = ",".join(axes)
         if config.get("dry_run"):  # a sweeper that launches dry-run jobs (hydra/sweeper=basic): leave no trace
             self.remember_sweep_dir(Path(config.hydra.sweep.dir))
@@ -80,10 +82,10 @@ class SweepResults(Callback):
         from runner.launch import SWEEP_PID_ENV
 
         os.environ[SWEEP_PID_ENV] = str(os.getpid())  # launcher workers exit when this process is gone
-        own_sweeper = config.hydra.runtime.choices.get("hydra/sweeper") == "ordered"  # conf/hydra/sweeper/ordered
-        first_job = sweepdir.start(Path(config.hydra.sweep.dir), overrides,
-                                   math.prod(axes.values()) if axes is not None else None,
-                                   bool(config.get(sweepdir.APPEND_KEY)), own_sweeper)
+        # +append numbers new jobs after the old ones: the runner's sweeper does, a search's own numbering does not
+        numbers_after_old_jobs = config.hydra.runtime.choices.get("hydra/sweeper") == "ordered" and not search
+        first_job = sweepdir.start(Path(config.hydra.sweep.dir), overrides, jobs,
+                                   bool(config.get(sweepdir.APPEND_KEY)), numbers_after_old_jobs)
         os.environ[sweepdir.FIRST_JOB_ENV] = str(first_job)
 
     def on_job_start(self, config: DictConfig, **kwargs) -> None:
