@@ -136,7 +136,11 @@ class SweepResults(Callback):
         from runner.loggers import wandb
 
         if config.get("dry_run"):  # nothing ran: no table, and the sweep dir as it was
+            from runner.dry_run import refused_jobs
+
             self.undo_dry_run(Path(config.hydra.sweep.dir))
+            if refused_jobs:  # hydra/sweeper=basic: each job printed its own refusal; the sweep is not ready
+                sys.exit(2)
             return
         # Hydra turns a callback's exception into a warning: a sweep whose table could not be written must still fail.
         try:

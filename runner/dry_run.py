@@ -87,10 +87,15 @@ def print_lines(jobs, configs, history_path) -> int:
     return summary["refused"]
 
 
+refused_jobs: list[int] = []  # dry-run jobs refused in this process (a sweep launched job by job: its end exits 2)
+
+
 def print_report(text: str, refused: int, jobs: int) -> None:
     """The table on stdout; where the check refuses points, one error line on stderr (the caller exits 2)."""
     print(text)
     print_refused(refused, jobs)
+    if refused:
+        refused_jobs.append(refused)
 
 
 def print_refused(refused: int, jobs: int) -> None:

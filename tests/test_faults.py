@@ -72,6 +72,9 @@ def test_a_dry_run_with_a_refused_value_exits_2(tmp_path):
     assert single.stderr.strip().splitlines()[-1].startswith("error: 1 of 1 job(s) would be refused")
     sweep = run_cli("-m", "steps=2,0", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'dry'}", cwd=tmp_path)
     assert sweep.returncode == 2 and "error: 1 of 2 job(s) would be refused" in sweep.stderr
+    basic = run_cli("-m", "hydra/sweeper=basic", "steps=2,0", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'dry'}",
+                    cwd=tmp_path)  # Hydra's own sweeper launches the dry run job by job
+    assert basic.returncode == 2 and "error: 1 of 1 job(s) would be refused" in basic.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "dry").exists()
 
 
