@@ -1,0 +1,346 @@
+"""Fused sweeps (`hydra/launcher=fused`): sweep points that can share a UNet batch are drawn together, and every
+point still runs as its own job, finding its images already drawn. A recipe:
+
+    1. plan: check each point's config (a refused, finished or partly drawn point is left to its own job) and group
+       the points whose specs agree on everything but guidance, seeds, prompts and negative prompt
+    2. draw a group in batches of whole points, at most `sampling.batch_size` images each: one CPU generator and one
+       guidance scale per image, each point's prompts encoded by its own state; row-wise kernels are called per
+       point (SplitRows), so each image is bit-identical to its point drawn alone
+    3. hand each point its images, its evaluations and its share of the batch's time (`take`, a per-process cache);
+       its job (runner.draw) saves and records them as if it had drawn them
+
+A batch that raises leaves nothing behind: its points then draw alone, in their own jobs.
+"""
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+log = logging.getLogger("runner")
+
+# What the points of one batch may differ in; every other field of their specs must be equal.
+FREE_FIELDS = ("guidance", "seeds", "prompts", "negative_prompt", "progress")
+
+
+def group_key(spec) -> str | None:
+    """Points with the same key can share a UNet batch; None: this point always draws alone (its family cannot
+    fuse, a k-diffusion sampler, a guidance-embedded UNet, more images than one batch holds)."""
+    from runner.families import by_name
+
+    if not by_name(spec.family).fusable or spec.scheduler_backend != "diffusers":
+        return None
+    if (spec.model_facts or {}).get("guidance_embedded") or len(spec.prompts) * len(spec.seeds) > spec.batch_size:
+        return None
+    if (spec.precision_options or {}).get("channels_last") or (spec.precision_options or {}).get("compile"):
+        return None  # memory layouts (and compiled kernels) SplitRows does not reproduce: not measured
+    return json.dumps({k: v for k, v in asdict(spec).items() if k not in FREE_FIELDS}, sort_keys=True, default=str)
+
+
+@dataclass
+class Point:
+    """A sweep point the launcher planned: its checked spec and where its job will look for its images."""
+
+    index: int  # in the launcher's job list
+    spec: object
+    job_dir: str
+    config_hash: str
+    job_num: int
+
+    @property
+    def images(self) -> int:
+        return len(self.spec.prompts) * len(self.spec.seeds)
+
+    @property
+    def plan(self) -> list:
+        """(prompt, seed) per image, in the order its job draws them (runner.draw)."""
+        return [(prompt, seed) for prompt in self.spec.prompts for seed in self.spec.seeds]
+
+
+def batches(points: list[Point]) -> list[list[Point]]:
+    """Whole points, in order, packed into batches of at most `sampling.batch_size` images; batches of one point
+    are dropped (the point draws alone)."""
+    out, current = [], []
+    for point in points:
+        if current and sum(p.images for p in current) + point.images > point.spec.batch_size:
+            out.append(current)
+            current = []
+        current.append(point)
+    out.append(current)
+    return [b for b in out if len(b) > 1]
+
+
+def group(points: list[Point]) -> list[list[list[Point]]]:
+    """The fused groups (points of one key), each as its batches; points with no key or no partner left out."""
+    by_key: dict[str, list[Point]] = {}
+    for point in points:
+        key = group_key(point.spec)
+        if key is not None:
+            by_key.setdefault(key, []).append(point)
+    return [b for b in (batches(members) for members in by_key.values()) if b]
+
+
+@dataclass
+class Predrawn:
+    """One point's images drawn in a fused batch, waiting for its job."""
+
+    images: object  # uint8 NHWC
+    latents: object
+    nfe: int
+    forward: int
+    laps: dict = field(default_factory=dict)  # the point's share of each timed span of the batch
+    shared_s: float = 0.0  # the point's share of the batch's wall time
+    cached: bool = True  # whether the batch found the model loaded
+    group: int = 0
+    batch_size: int = 0
+
+    def charge(self, clock) -> None:
+        """Add the point's share of the batch's spans and wall time to its job's clock (runner.timing.JobClock)."""
+        for name, laps in self.laps.items():
+            clock.timer.laps[name].extend(laps)
+        clock.shared_s += self.shared_s
+
+    def columns(self) -> dict:
+        from runner.columns import FUSED_COLUMNS
+
+        return dict(zip(FUSED_COLUMNS, (self.group, self.batch_size)))
+
+
+_predrawn: dict[tuple[str, str], Predrawn] = {}
+
+
+def take(job_dir, config_hash: str) -> Predrawn | None:
+    """The images a fused batch drew for this job (once), or None: the job draws them itself."""
+    return _predrawn.pop((str(Path(job_dir).resolve()), config_hash), None)
+
+
+def unfused_columns() -> dict:
+    from runner.columns import FUSED_COLUMNS
+
+    return dict.fromkeys(FUSED_COLUMNS)
+
+
+def draw_batch(points: list[Point], group_id: int) -> bool:
+    """Draw one batch of whole points and leave each point's images for its job; False (nothing left) where the
+    drawing raised, so that its points draw alone."""
+    from runner.exits import exit_in_disguise
+    from runner.faults import inject_fault
+
+    try:
+        for point in points:
+            inject_fault(point.job_num, "fused")
+        _predrawn.update(_draw(points, group_id))
+        return True
+    except Exception as err:
+        if (real_exit := exit_in_disguise(err)) is not None:
+            raise real_exit from None
+        from runner.draw import free_memory
+
+        log.warning(f"fused batch of group {group_id} failed ({type(err).__name__}: {err}); its "
+                    f"{len(points)} point(s) draw alone")
+        free_memory()
+        return False
+
+
+def _draw(points: list[Point], group_id: int) -> dict:
+    import time
+
+    import torch
+
+    from runner.draw import load_and_warm_up
+    from runner.families import by_name
+    from runner.sampling import Tally
+    from runner.timing import Timer
+
+    spec, family = points[0].spec, by_name(points[0].spec.family)
+    start, timer = time.perf_counter(), Timer(spec.device)
+    prompts = [prompt for p in points for prompt, _ in p.plan]
+    guidance = tuple(p.spec.guidance for p in points for _ in p.plan)
+    batch_spec = replace(spec, guidance=guidance)
+    components, cached, scheduler, _ = load_and_warm_up(batch_spec, prompts, timer)
+    # each point's prompts and negative prompt encoded by its own state, as its own job would (outside SplitRows)
+    state = family.fuse([family.prepare(components, p.spec, timer) for p in points],
+                        [[prompt for prompt, _ in p.plan] for p in points])
+    generators = [torch.Generator("cpu").manual_seed(seed) for p in points for _, seed in p.plan]
+    tally = Tally()
+    cfg = [family.uses_cfg(components, p.spec.guidance) for p in points]
+    with timer("sample"), split_rows(row_units(points, cfg, family.uses_cfg(components, guidance))):
+        images, latents = family.sample(components, scheduler, batch_spec, prompts, generators, state, timer, tally)
+    wall, total, out, first = time.perf_counter() - start, len(prompts), {}, 0
+    for point, point_cfg in zip(points, cfg):
+        share, rows = point.images / total, slice(first, first + point.images)
+        out[(str(Path(point.job_dir).resolve()), point.config_hash)] = Predrawn(
+            images=images[rows], latents=latents[rows] if latents is not None else None, nfe=tally.nfe,
+            forward=tally.nfe * (2 if point_cfg else 1), laps={k: [v * share for v in laps] for k, laps in timer.laps.items()},
+            shared_s=wall * share, cached=cached, group=group_id, batch_size=total)
+        first += point.images
+    log.info(f"fused group {group_id}: {total} image(s) of {len(points)} point(s) in one batch, {wall:.2f} s")
+    return out
+
+
+def row_units(points: list[Point], cfg: list[bool], batch_cfg: bool) -> dict[int, list[list[int]]]:
+    """{rows of a call: each point's rows, in the order its own batch holds them}. The denoiser's batch is
+    [uncond rows; cond rows] under classifier-free guidance (a point without guidance uses only its cond rows);
+    the VAE's is one row per image."""
+    total, first, images, denoiser = sum(p.images for p in points), 0, [], []
+    for point, point_cfg in zip(points, cfg):
+        own = list(range(first, first + point.images))
+        images.append(own)
+        if batch_cfg:
+            denoiser.append(([*own] if point_cfg else []) + [total + i for i in own])
+        first += point.images
+    return {total: images, 2 * total: denoiser} if batch_cfg else {total: images}
+
+
+def _split_rows_mode():
+    from torch.overrides import TorchFunctionMode
+
+    class SplitRowsMode(TorchFunctionMode):
+        """Inside a fused batch: the row-wise kernels whose arithmetic depends on the batch size are called per point,
+        with exactly the rows (and so the kernel) its own job would call them with. Measured on CPU (MKL, oneDNN):
+        a linear layer's rows differ when M < 12 or M is not a multiple of 4 (the time embeddings: one row per
+        image), a convolution of one image runs another kernel (native) than a batch (oneDNN), and a group norm of
+        channels-last input (after attention) reduces in another order. Attention, contiguous norms and the linear
+        layers over tokens (M = images x tokens) give each row the same bits at any batch size, so they stay
+        batched. Splitting rows never changes the result's meaning: these ops treat rows apart."""
+
+        def __init__(self, units: dict[int, list[list[int]]]):
+            super().__init__()
+            self.units = units
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            import torch
+            import torch.nn.functional as F
+
+            kwargs = kwargs or {}
+            x = args[0] if args else None
+            units = self.units.get(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim >= 2 else None
+            if units is None or func not in (F.linear, F.conv2d, F.group_norm):
+                return func(*args, **kwargs)
+            if func is F.group_norm:  # contiguous rows alike at any batch size; channels-last ones are not
+                if x.is_contiguous():
+                    return func(*args, **kwargs)
+                alone = list(units)
+            elif func is F.linear:
+                tokens = x[0].numel() // x.shape[-1]
+                alone = [u for u in units if len(u) * tokens < LINEAR_ROWS_ALIKE]
+            else:
+                alone = [u for u in units if len(u) == 1]
+            calls = alone + merged_calls(x, units, alone, func, args, kwargs)
+            out = [None] * x.shape[0]
+            for rows, mkldnn in ((c if isinstance(c, tuple) else (c, None)) for c in calls):
+                part = x[rows]
+                if len(rows) == 1:
+                    # a batch leaves attention's output channels-last by its strides; one image's own view of it is
+                    # ambiguous (a size-1 batch), which torch reads as contiguous: its own job's kernels did
+                    part = part.contiguous()
+                y = _call(func, part, args, kwargs, mkldnn)
+                for j, i in enumerate(rows):
+                    out[i] = y[j]
+            return torch.stack(out)
+
+    return SplitRowsMode
+
+
+# A linear layer over at least this many rows gives each row the same bits whatever M (measured: M >= 12 on 2 threads)
+LINEAR_ROWS_ALIKE = 16
+
+
+def merged_calls(x, units, alone, func, args, kwargs) -> list:
+    """The rows not called alone, in calls that run the kernel each point's own call runs: one call for a linear
+    layer; for a convolution, one per backend (oneDNN or native) the points' own calls would pick."""
+    import torch.nn.functional as F
+
+    done = {i for u in alone for i in u}
+    rest = [u for u in units if not done & set(u)]
+    junk = [i for i in range(x.shape[0]) if i not in done and not any(i in u for u in rest)]
+    if func is not F.conv2d:
+        rows = [i for u in rest for i in u] + junk
+        return [rows] if rows else []
+    by_backend: dict = {}
+    for unit in rest:
+        by_backend.setdefault(conv_backend(x[unit], args, kwargs), []).append(unit)
+    calls = [unit for unit in by_backend.pop(None, [])]  # a kernel not known here: each point alone
+    calls += [([i for u in units for i in u], "Mkldnn" in str(backend)) for backend, units in by_backend.items()]
+    if junk:  # rows no point reads (a point without guidance in a guided batch: its uncond rows)
+        calls.append((junk, None))
+    return calls
+
+
+def conv_backend(x, args, kwargs):
+    """The kernel torch picks for this convolution on these rows (None where not known here)."""
+    import torch
+
+    weight = args[1] if len(args) > 1 else kwargs["weight"]
+    bias = args[2] if len(args) > 2 else kwargs.get("bias")
+    pick = [*args[3:7]] + [None] * (4 - len(args[3:7]))
+    stride, padding, dilation, groups = (pick[0] or 1), (pick[1] or 0), (pick[2] or 1), (pick[3] or 1)
+    two = (lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v])
+    if isinstance(padding, str):
+        return None
+    return torch._C._select_conv_backend(x, weight, bias, two(stride), two(padding), two(dilation), False, [0, 0],
+                                         groups, None)
+
+
+def _call(func, rows, args, kwargs, mkldnn):
+    """func on `rows`, with oneDNN on or off (None: as it is) so that a merged call runs the points' own kernel."""
+    import torch
+
+    if mkldnn is None:
+        return func(rows, *args[1:], **kwargs)
+    before = torch._C._get_mkldnn_enabled()
+    torch._C._set_mkldnn_enabled(mkldnn)
+    try:
+        return func(rows, *args[1:], **kwargs)
+    finally:
+        torch._C._set_mkldnn_enabled(before)
+
+
+def split_rows(units: dict[int, list[list[int]]]):
+    return _split_rows_mode()(units)
+
+
+def plan_and_group(configs) -> list[list[list[Point]]]:
+    """The launcher's step 1: each composed job config (with its `hydra` node, as Hydra's launcher composed it)
+    checked as its job will check it; the points that can fuse, grouped and batched. A point that fails here is
+    simply not fused: its own job refuses it, or draws it alone."""
+    points = []
+    for index, config in enumerate(configs):
+        try:
+            point = _point(index, config)
+        except Exception:  # noqa: BLE001  (its own job says what is wrong with it)
+            point = None
+        if point is not None:
+            points.append(point)
+    return group(points)
+
+
+def _point(index: int, config) -> Point | None:
+    import copy
+    import os
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf, open_dict, read_write
+
+    from runner.context import config_hash
+    from runner.jobdir import finished, kept_images
+    from runner.spec import make_spec
+
+    config = copy.deepcopy(config)
+    HydraConfig.instance().set_config(config)  # as run_job does, so that hydra-node interpolations resolve
+    job_dir = os.path.abspath(os.path.join(str(OmegaConf.select(config, "hydra.sweep.dir")),
+                                           str(OmegaConf.select(config, "hydra.sweep.subdir"))))
+    with read_write(config.hydra.runtime), open_dict(config.hydra.runtime):
+        config.hydra.runtime.output_dir = job_dir
+    HydraConfig.instance().set_config(config)
+    cfg = copy.deepcopy(config)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+    if cfg.get("dry_run") or cfg.get("optimize"):
+        return None
+    digest = config_hash(cfg)
+    spec = make_spec(cfg)
+    plan = [(prompt, seed) for prompt in spec.prompts for seed in spec.seeds]
+    if finished(Path(job_dir), digest) or kept_images(Path(job_dir), plan, digest):
+        return None  # resume: done, or partly drawn (its job keeps what is there and draws the rest)
+    return Point(index=index, spec=spec, job_dir=job_dir, config_hash=digest, job_num=config.hydra.job.num)
