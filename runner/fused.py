@@ -237,7 +237,10 @@ def _split_rows_mode():
                 y = _call(func, part, args, kwargs, mkldnn)
                 for j, i in enumerate(rows):
                     out[i] = y[j]
-            return torch.stack(out)
+            out = torch.stack(out)
+            if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+                out = out.contiguous(memory_format=torch.channels_last)  # the layout the batched call returns
+            return out
 
     return SplitRowsMode
 
