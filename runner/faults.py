@@ -1,6 +1,6 @@
 """Faults on purpose: tests make sweep point k fail through the real code paths.
 
-    RUNNER_FAULT="<k>:error|oom|enospc|exit-in-import|exit-in-load|crash|fused"
+    RUNNER_FAULT="<k>:error|oom|enospc|exit-in-import|exit-in-load|crash|fused"   (<k> = * : every point)
 
 `error` and `oom` (torch.cuda.OutOfMemoryError) raise before sampling; `enospc` raises "No space left on device"
 where the job writes its first image. `exit-in-import` and `exit-in-load` create a class whose creation calls
@@ -18,7 +18,7 @@ FAULT_ENV = "RUNNER_FAULT"
 
 def inject_fault(job_num: int, stage: str) -> None:
     fault = os.environ.get(FAULT_ENV, "")
-    if not fault or fault.split(":")[0] != str(job_num):
+    if not fault or fault.split(":")[0] not in (str(job_num), "*"):  # "*": every point
         return
     kind = fault.split(":", 1)[1] if ":" in fault else "error"
     if stage == "sample" and kind == "oom":

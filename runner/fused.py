@@ -192,49 +192,49 @@ def row_units(points: list[Point], cfg: list[bool], batch_cfg: bool) -> dict[int
     return {total: images, 2 * total: denoiser} if batch_cfg else {total: images}
 
 
-def _split_rows_mode():
+def split_rows(units: dict[int, list[list[int]]]):
+    """A torch function mode for a fused batch's sampling: `units` maps a call's row count to each point's rows, in
+    the order its own batch holds them (row_units)."""
+    global _SplitRows
+    if _SplitRows is None:
+        _SplitRows = _split_rows_class()
+    return _SplitRows(units)
+
+
+_SplitRows = None
+# A linear layer over at least this many rows gives each row the same bits whatever M (measured: M >= 12 on 2 threads)
+LINEAR_ROWS_ALIKE = 16
+
+
+def _split_rows_class():
+    import torch
+    import torch.nn.functional as F
     from torch.overrides import TorchFunctionMode
 
-    class SplitRowsMode(TorchFunctionMode):
-        """Inside a fused batch: the row-wise kernels whose arithmetic depends on the batch size are called per point,
-        with exactly the rows (and so the kernel) its own job would call them with. Measured on CPU (MKL, oneDNN):
-        a linear layer's rows differ when M < 12 or M is not a multiple of 4 (the time embeddings: one row per
-        image), a convolution of one image runs another kernel (native) than a batch (oneDNN), and a group norm of
-        channels-last input (after attention) reduces in another order. Attention, contiguous norms and the linear
-        layers over tokens (M = images x tokens) give each row the same bits at any batch size, so they stay
-        batched. Splitting rows never changes the result's meaning: these ops treat rows apart."""
+    class SplitRows(TorchFunctionMode):
+        """Inside a fused batch, the row-wise kernels whose arithmetic depends on the batch are run on each point's
+        rows as its own job runs them. Measured on CPU (MKL, oneDNN): a linear layer's rows differ when M < 12 or M
+        is not a multiple of 4 (the time embeddings: a row or two per image), so small ones run per point, stacked
+        in one baddbmm (which gives each point addmm's bits); a convolution of one image runs the native kernel, of
+        several oneDNN; a group norm of channels-last input (after attention) reduces in another order for each
+        batch size, while a one-image view of it is read as contiguous. Attention, contiguous norms and linear
+        layers over tokens give each row the same bits at any batch size, so they stay batched. Splitting never
+        changes what is computed: these ops treat rows apart."""
 
         def __init__(self, units: dict[int, list[list[int]]]):
             super().__init__()
             self.units = units
 
         def __torch_function__(self, func, types, args=(), kwargs=None):
-            import torch
-            import torch.nn.functional as F
-
             kwargs = kwargs or {}
             x = args[0] if args else None
-            units = self.units.get(x.shape[0]) if isinstance(x, torch.Tensor) and x.ndim >= 2 else None
-            if units is None or func not in (F.linear, F.conv2d, F.group_norm):
+            if func not in (F.linear, F.conv2d, F.group_norm) or not isinstance(x, torch.Tensor) or x.ndim < 2:
                 return func(*args, **kwargs)
-            if func is F.group_norm:  # contiguous rows alike at any batch size; channels-last ones are not
-                if x.is_contiguous():
-                    return func(*args, **kwargs)
-                alone = list(units)
-            elif func is F.linear:
-                tokens = x[0].numel() // x.shape[-1]
-                alone = [u for u in units if len(u) * tokens < LINEAR_ROWS_ALIKE]
-            else:
-                alone = [u for u in units if len(u) == 1]
-            calls = alone + merged_calls(x, units, alone, func, args, kwargs)
+            units = self.units.get(x.shape[0])
+            if units is None or (func is F.group_norm and x.is_contiguous()):
+                return func(*args, **kwargs)
             out = [None] * x.shape[0]
-            for rows, mkldnn in ((c if isinstance(c, tuple) else (c, None)) for c in calls):
-                part = x[rows]
-                if len(rows) == 1:
-                    # a batch leaves attention's output channels-last by its strides; one image's own view of it is
-                    # ambiguous (a size-1 batch), which torch reads as contiguous: its own job's kernels did
-                    part = part.contiguous()
-                y = _call(func, part, args, kwargs, mkldnn)
+            for rows, y in self.calls(func, x, units, args, kwargs):
                 for j, i in enumerate(rows):
                     out[i] = y[j]
             out = torch.stack(out)
@@ -242,32 +242,57 @@ def _split_rows_mode():
                 out = out.contiguous(memory_format=torch.channels_last)  # the layout the batched call returns
             return out
 
-    return SplitRowsMode
+        def calls(self, func, x, units, args, kwargs):
+            """(rows, their outputs) for every row of x, each point's rows run as its own job runs them."""
+            used = {i for u in units for i in u}
+            junk = [i for i in range(x.shape[0]) if i not in used]  # rows no point reads (a point without guidance
+            if junk:                                                # in a guided batch: its uncond rows)
+                yield junk, func(x[junk], *args[1:], **kwargs)
+            singles = [u[0] for u in units if len(u) == 1]
+            several = [u for u in units if len(u) > 1]
+            if func is F.linear:
+                tokens = x[0].numel() // x.shape[-1]
+                small = [u for u in units if len(u) * tokens < LINEAR_ROWS_ALIKE]
+                for size in sorted({len(u) for u in small}):
+                    same = [u for u in small if len(u) == size]
+                    yield from zip(same, stacked_linear(x, same, *args[1:], **kwargs))
+                rest = [i for u in units if len(u) * tokens >= LINEAR_ROWS_ALIKE for i in u]
+                if rest:
+                    yield rest, func(x[rest], *args[1:], **kwargs)
+                return
+            if singles:  # one image: as its own job, a contiguous tensor
+                one = x[singles].contiguous()
+                if func is F.group_norm or "Slow2d" in str(conv_backend(one[:1], args, kwargs)):
+                    yield singles, call_with_mkldnn(False if func is F.conv2d else None, func, one, args, kwargs)
+                else:
+                    for i in singles:
+                        yield [i], func(x[[i]].contiguous(), *args[1:], **kwargs)
+            if func is F.group_norm:
+                for unit in several:  # channels-last: each batch size reduces in its own order
+                    yield unit, func(x[unit], *args[1:], **kwargs)
+                return
+            by_backend: dict = {}
+            for unit in several:
+                by_backend.setdefault(conv_backend(x[unit], args, kwargs), []).append(unit)
+            for unit in by_backend.pop(None, []):  # a kernel not known here: alone
+                yield unit, func(x[unit], *args[1:], **kwargs)
+            for backend, same in by_backend.items():
+                rows = [i for u in same for i in u]
+                yield rows, call_with_mkldnn("Mkldnn" in str(backend), func, x[rows], args, kwargs)
+
+    return SplitRows
 
 
-# A linear layer over at least this many rows gives each row the same bits whatever M (measured: M >= 12 on 2 threads)
-LINEAR_ROWS_ALIKE = 16
+def stacked_linear(x, units, weight, bias=None):
+    """F.linear on each unit's rows, one baddbmm (or bmm) for all units of one size: each unit gets the bits of its
+    own addmm (measured), in one call instead of one per point."""
+    import torch
 
-
-def merged_calls(x, units, alone, func, args, kwargs) -> list:
-    """The rows not called alone, in calls that run the kernel each point's own call runs: one call for a linear
-    layer; for a convolution, one per backend (oneDNN or native) the points' own calls would pick."""
-    import torch.nn.functional as F
-
-    done = {i for u in alone for i in u}
-    rest = [u for u in units if not done & set(u)]
-    junk = [i for i in range(x.shape[0]) if i not in done and not any(i in u for u in rest)]
-    if func is not F.conv2d:
-        rows = [i for u in rest for i in u] + junk
-        return [rows] if rows else []
-    by_backend: dict = {}
-    for unit in rest:
-        by_backend.setdefault(conv_backend(x[unit], args, kwargs), []).append(unit)
-    calls = [unit for unit in by_backend.pop(None, [])]  # a kernel not known here: each point alone
-    calls += [([i for u in units for i in u], "Mkldnn" in str(backend)) for backend, units in by_backend.items()]
-    if junk:  # rows no point reads (a point without guidance in a guided batch: its uncond rows)
-        calls.append((junk, None))
-    return calls
+    k, n = x.shape[-1], weight.shape[0]
+    rows = torch.stack([x[u].reshape(-1, k) for u in units])
+    w = weight.t().expand(len(units), k, n)
+    y = torch.baddbmm(bias.expand(len(units), rows.shape[1], n), rows, w) if bias is not None else torch.bmm(rows, w)
+    return [part.reshape(len(u), *x.shape[1:-1], n) for part, u in zip(y, units)]
 
 
 def conv_backend(x, args, kwargs):
@@ -276,17 +301,20 @@ def conv_backend(x, args, kwargs):
 
     weight = args[1] if len(args) > 1 else kwargs["weight"]
     bias = args[2] if len(args) > 2 else kwargs.get("bias")
-    pick = [*args[3:7]] + [None] * (4 - len(args[3:7]))
-    stride, padding, dilation, groups = (pick[0] or 1), (pick[1] or 0), (pick[2] or 1), (pick[3] or 1)
-    two = (lambda v: list(v) if isinstance(v, (tuple, list)) else [v, v])
+    given = [*args[3:7]] + [None] * (4 - len(args[3:7]))
+    stride, padding, dilation, groups = (given[0] or 1), (given[1] or 0), (given[2] or 1), (given[3] or 1)
     if isinstance(padding, str):
         return None
+
+    def two(v):
+        return list(v) if isinstance(v, (tuple, list)) else [v, v]
+
     return torch._C._select_conv_backend(x, weight, bias, two(stride), two(padding), two(dilation), False, [0, 0],
                                          groups, None)
 
 
-def _call(func, rows, args, kwargs, mkldnn):
-    """func on `rows`, with oneDNN on or off (None: as it is) so that a merged call runs the points' own kernel."""
+def call_with_mkldnn(mkldnn, func, rows, args, kwargs):
+    """func on `rows`, with oneDNN on or off (None: as it is), so that a merged call runs the points' own kernel."""
     import torch
 
     if mkldnn is None:
@@ -297,10 +325,6 @@ def _call(func, rows, args, kwargs, mkldnn):
         return func(rows, *args[1:], **kwargs)
     finally:
         torch._C._set_mkldnn_enabled(before)
-
-
-def split_rows(units: dict[int, list[list[int]]]):
-    return _split_rows_mode()(units)
 
 
 def plan_and_group(configs) -> list[list[list[Point]]]:
