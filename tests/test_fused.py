@@ -88,3 +88,13 @@ def test_a_fused_point_reproduces_alone(fused_sweep, tmp_path):
     root, _, fused, _, _ = fused_sweep
     for job in fused[fused.job_num.isin(KEPT)].job_dir:  # one per model: its fused batch's file, drawn alone
         assert runner.reproduce.main([str(root / "sweep" / job), "--out", str(tmp_path / Path(job).name)]) == 0
+
+
+def test_a_dry_run_lists_the_fused_batches(tmp_path):
+    result = run_cli("-m", "hydra/launcher=fused", "model=tiny-sd", "scheduler=ddim,euler", "guidance=1,7.5", "seed=0,1",
+                     "dry_run=true", f"dry_run_results={tmp_path}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "fused: 2 batch(es) in 2 group(s) hold 8 of 8 job(s)" in result.stdout
+    assert "group 0: jobs 0 1 2 3: 4 image(s) in one batch" in result.stdout
+    assert "group 1: jobs 4 5 6 7: 4 image(s) in one batch" in result.stdout
+    assert "total, fused:" in result.stdout and not (tmp_path / "results").exists()
