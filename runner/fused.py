@@ -32,8 +32,8 @@ def group_key(spec) -> str | None:
         return None
     if (spec.model_facts or {}).get("guidance_embedded") or len(spec.prompts) * len(spec.seeds) > spec.batch_size:
         return None
-    if (spec.precision_options or {}).get("channels_last") or (spec.precision_options or {}).get("compile"):
-        return None  # memory layouts (and compiled kernels) SplitRows does not reproduce: not measured
+    if any((spec.precision_options or {}).get(k) for k in ("channels_last", "compile", "cpu_offload")):
+        return None  # memory layouts, compiled kernels, offload hooks: SplitRows does not reproduce them (not measured)
     return json.dumps({k: v for k, v in asdict(spec).items() if k not in FREE_FIELDS}, sort_keys=True, default=str)
 
 
@@ -164,7 +164,8 @@ def _draw(points: list[Point], group_id: int) -> dict:
     generators = [torch.Generator("cpu").manual_seed(seed) for p in points for _, seed in p.plan]
     tally = Tally()
     cfg = [family.uses_cfg(components, p.spec.guidance) for p in points]
-    with timer("sample"), split_rows(row_units(points, cfg, family.uses_cfg(components, guidance))):
+    units = row_units(points, cfg, family.uses_cfg(components, guidance))
+    with timer("sample"), split_rows(units).over(components.denoiser, components.vae):
         images, latents = family.sample(components, scheduler, batch_spec, prompts, generators, state, timer, tally)
     wall, total, out, first = time.perf_counter() - start, len(prompts), {}, 0
     for point, point_cfg in zip(points, cfg):
@@ -193,8 +194,9 @@ def row_units(points: list[Point], cfg: list[bool], batch_cfg: bool) -> dict[int
 
 
 def split_rows(units: dict[int, list[list[int]]]):
-    """A torch function mode for a fused batch's sampling: `units` maps a call's row count to each point's rows, in
-    the order its own batch holds them (row_units)."""
+    """For a fused batch's sampling: `units` maps a call's row count to each point's rows, in the order its own batch
+    holds them (row_units). `split_rows(units).over(denoiser, vae)` runs their linear, convolution and group-norm
+    layers through it while the batch draws."""
     global _SplitRows
     if _SplitRows is None:
         _SplitRows = _split_rows_class()
@@ -207,11 +209,12 @@ LINEAR_ROWS_ALIKE = 16
 
 
 def _split_rows_class():
+    from contextlib import contextmanager
+
     import torch
     import torch.nn.functional as F
-    from torch.overrides import TorchFunctionMode
 
-    class SplitRows(TorchFunctionMode):
+    class SplitRows:
         """Inside a fused batch, the row-wise kernels whose arithmetic depends on the batch are run on each point's
         rows as its own job runs them. Measured on CPU (MKL, oneDNN): a linear layer's rows differ when M < 12 or M
         is not a multiple of 4 (the time embeddings: a row or two per image), so small ones run per point, stacked
@@ -222,16 +225,34 @@ def _split_rows_class():
         changes what is computed: these ops treat rows apart."""
 
         def __init__(self, units: dict[int, list[list[int]]]):
-            super().__init__()
-            self.units = units
+            self.units, self.backends = units, {}
 
-        def __torch_function__(self, func, types, args=(), kwargs=None):
-            kwargs = kwargs or {}
-            x = args[0] if args else None
-            if func not in (F.linear, F.conv2d, F.group_norm) or not isinstance(x, torch.Tensor) or x.ndim < 2:
-                return func(*args, **kwargs)
-            units = self.units.get(x.shape[0])
-            if units is None or (func is F.group_norm and x.is_contiguous()):
+        @contextmanager
+        def over(self, *roots):
+            """The plain nn.Linear, nn.Conv2d and nn.GroupNorm layers of `roots` call through this while inside
+            (their own forward: anything else that wraps a layer, a subclass, a hook's forward, is left alone)."""
+            layers = {torch.nn.Linear: lambda m: (F.linear, m.weight, m.bias),
+                      torch.nn.Conv2d: lambda m: (F.conv2d, m.weight, m.bias, m.stride, m.padding, m.dilation, m.groups),
+                      torch.nn.GroupNorm: lambda m: (F.group_norm, m.num_groups, m.weight, m.bias, m.eps)}
+            patched = []
+            for root in (r for r in roots if r is not None):
+                for module in root.modules():
+                    kind = type(module)
+                    if kind not in layers or "forward" in module.__dict__ or getattr(module, "padding_mode", "zeros") != "zeros":
+                        continue
+                    func, *params = layers[kind](module)
+                    module.forward = (lambda func, params: lambda x: self(func, (x, *params), {}))(func, params)
+                    patched.append(module)
+            try:
+                yield self
+            finally:
+                for module in patched:
+                    del module.forward
+
+        def __call__(self, func, args, kwargs):
+            x = args[0]
+            units = self.units.get(x.shape[0]) if x.ndim >= 2 else None
+            if units is None or self.as_batched(func, x, units, args, kwargs):
                 return func(*args, **kwargs)
             out = [None] * x.shape[0]
             for rows, y in self.calls(func, x, units, args, kwargs):
@@ -241,6 +262,27 @@ def _split_rows_class():
             if x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
                 out = out.contiguous(memory_format=torch.channels_last)  # the layout the batched call returns
             return out
+
+        def as_batched(self, func, x, units, args, kwargs) -> bool:
+            """Whether the batched call already runs every point's rows as its own job would (the common case: then
+            nothing is split)."""
+            if func is F.group_norm:
+                return x.is_contiguous()
+            if func is F.linear:
+                return all(len(u) * (x[0].numel() // x.shape[-1]) >= LINEAR_ROWS_ALIKE for u in units)
+            if any(len(u) == 1 for u in units):
+                return False
+            whole = self.backend(x, x.shape[0], args, kwargs)
+            return whole is not None and all(self.backend(x, len(u), args, kwargs) == whole for u in units)
+
+        def backend(self, x, rows: int, args, kwargs):
+            """conv_backend of `rows` rows laid out as x's, remembered per shape."""
+            weight = args[1] if len(args) > 1 else kwargs["weight"]
+            key = (rows, tuple(x.shape[1:]), x.stride()[1:], tuple(weight.shape), repr(args[3:]), repr(kwargs),
+                   torch._C._get_mkldnn_enabled())
+            if key not in self.backends:
+                self.backends[key] = conv_backend(x[:rows], args, kwargs)
+            return self.backends[key]
 
         def calls(self, func, x, units, args, kwargs):
             """(rows, their outputs) for every row of x, each point's rows run as its own job runs them."""
@@ -273,7 +315,7 @@ def _split_rows_class():
                 return
             by_backend: dict = {}
             for unit in several:
-                by_backend.setdefault(conv_backend(x[unit], args, kwargs), []).append(unit)
+                by_backend.setdefault(self.backend(x, len(unit), args, kwargs), []).append(unit)
             for unit in by_backend.pop(None, []):  # a kernel not known here: alone
                 yield unit, func(x[unit], *args[1:], **kwargs)
             for backend, same in by_backend.items():
