@@ -1,7 +1,7 @@
 """Fused sweeps (`hydra/launcher=fused`, runner/fused.py): points that share a UNet batch are drawn together, and
 each point's image is the very file its point drawn alone makes (same image_sha256), its job and rows its own.
 
-One fused CLI sweep: tiny-sd and tiny-sdxl, one batch each holding guidance 1 (no unconditional pass) beside 7.5 and
+One fused CLI sweep: tiny-sd and tiny-sdxl, one batch each holding guidance 0.5 (no unconditional pass) beside 7.5 and
 points that differ in seed, prompt and negative prompt, beside a point the config check refuses. Then the same
 command resumes it after most points were deleted, with their batches made to raise (RUNNER_FAULT=*:fused): those
 points draw alone, and their files must be the ones the fused batch wrote; the points kept are skipped, and
@@ -17,7 +17,7 @@ from conftest import run_cli
 
 # One config option per point, so that seed, prompt and negative prompt vary across points without a full product.
 PAIRS = {"a": ("a cat", "", 0), "b": ("a dog", "a cow", 1)}
-FUSED = ("-m", "hydra/launcher=fused", "model=tiny-sd,tiny-sdxl", "guidance=1,7.5", "+pair=a,b,bad", "steps=2",
+FUSED = ("-m", "hydra/launcher=fused", "model=tiny-sd,tiny-sdxl", "guidance=0.5,7.5", "+pair=a,b,bad", "steps=2",
          "sampling.batch_size=4", "sampling.progress=false")
 KEPT = (0, 6)  # one finished point per model kept when the sweep resumes; the others are deleted and drawn again
 
@@ -29,6 +29,12 @@ def write_pairs(conf):
         (pair / f"{name}.yaml").write_text(f"# @package _global_\nprompt: {prompt}\nnegative_prompt: '{negative}'\n"
                                            f"seed: {seed}\n")
     (pair / "bad.yaml").write_text("# @package _global_\nseed: -1\n")  # refused by the config check
+
+
+def latent_sha(path) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def rows_of(sweep):
@@ -44,6 +50,7 @@ def fused_sweep(tmp_path_factory):
     args = (*FUSED, f"hydra.searchpath=[file://{root / 'conf'}]", f"hydra.sweep.dir={root / 'sweep'}")
     first = run_cli(*args, cwd=root)
     fused = rows_of(root / "sweep")
+    fused["latent_sha"] = [latent_sha(p) if isinstance(p, str) and p else "" for p in fused.latent_path]
     for job in fused[(fused.status == "ok") & ~fused.job_num.isin(KEPT)].job_dir:  # as if never drawn
         for part in ("rows.parquet", "images", "latents"):
             path = root / "sweep" / job / part
@@ -57,14 +64,14 @@ def test_fused_points_share_a_batch_and_a_refused_point_fails_alone(fused_sweep)
     assert first.returncode == 1, first.stderr  # the refused points fail the sweep, as without fusion
     ok, refused = df[df.status == "ok"], df[df.status != "ok"]
     assert len(ok) == 8 and len(refused) == 4 and refused.error.str.contains("seed=-1 is not allowed").all()
-    # every good point drawn in its model's one batch, which mixes guidance 1 and 7.5, seeds, prompts, negatives
+    # every good point drawn in its model's one batch, which mixes guidance 0.5 and 7.5, seeds, prompts, negatives
     assert ok.fused_group.notna().all() and (ok.fused_batch_size == 4).all()
     assert ok.groupby("model").fused_group.nunique().to_dict() == {"tiny-sd": 1, "tiny-sdxl": 1}
     for _, batch in ok.groupby("model"):
-        assert set(batch.guidance) == {1.0, 7.5} and batch.seed.nunique() == batch.prompt.nunique() == 2
+        assert set(batch.guidance) == {0.5, 7.5} and batch.seed.nunique() == batch.prompt.nunique() == 2
         assert batch.negative_prompt.nunique() == 2
         passes = batch.unet_evals / batch.nfe  # the network's passes per evaluation: as each point drawn alone
-        assert (passes[batch.guidance == 1] == 1).all() and (passes[batch.guidance == 7.5] == 2).all()
+        assert (passes[batch.guidance == 0.5] == 1).all() and (passes[batch.guidance == 7.5] == 2).all()
     # time columns: each point's share of its batch (a quarter of it, one image of four)
     assert (ok.time_denoise_s > 0).all() and (ok.time_total_s > ok.time_denoise_s).all()
 
@@ -79,9 +86,13 @@ def test_points_drawn_alone_are_the_files_their_fused_batch_wrote(fused_sweep):
     ok = resumed[resumed.status == "ok"]
     redrawn = ok[~ok.job_num.isin(KEPT)]
     assert len(redrawn) == 6 and redrawn.fused_group.isna().all()  # the batch raised: each point drew alone
-    before = fused.set_index("job_num").image_sha256
-    for _, row in ok.iterrows():  # guidance 1 and 7.5, both models, every seed, prompt and negative prompt
-        assert row.image_sha256 == before[row.job_num], (row.model, row.guidance, row.seed, row.prompt)
+    before = fused.set_index("job_num")
+    for _, row in ok.iterrows():  # guidance 0.5 and 7.5, both models, every seed, prompt and negative prompt
+        assert row.image_sha256 == before.image_sha256[row.job_num], (row.model, row.guidance, row.seed, row.prompt)
+    # the final latents too (float32 .npy, finer than the 8-bit PNG): the one of a point drawn alone is in its
+    # job dir now, and the fused batch's one was read before it was deleted
+    for _, row in redrawn.iterrows():
+        assert latent_sha(row.latent_path) == before.latent_sha[row.job_num], (row.model, row.guidance, row.seed)
 
 
 def test_a_fused_point_reproduces_alone(fused_sweep, tmp_path):
