@@ -172,8 +172,8 @@ def _draw(points: list[Point], group_id: int) -> dict:
         share, rows = point.images / total, slice(first, first + point.images)
         out[(str(Path(point.job_dir).resolve()), point.config_hash)] = Predrawn(
             images=images[rows], latents=latents[rows] if latents is not None else None, nfe=tally.nfe,
-            forward=tally.nfe * (2 if point_cfg else 1), laps={k: [v * share for v in laps] for k, laps in timer.laps.items()},
-            shared_s=wall * share, cached=cached, group=group_id, batch_size=total)
+            forward=tally.nfe * (2 if point_cfg else 1), shared_s=wall * share, cached=cached, group=group_id,
+            batch_size=total, laps={name: [lap * share for lap in laps] for name, laps in timer.laps.items()})
         first += point.images
     log.info(f"fused group {group_id}: {total} image(s) of {len(points)} point(s) in one batch, {wall:.2f} s")
     return out
@@ -238,7 +238,8 @@ def _split_rows_class():
             for root in (r for r in roots if r is not None):
                 for module in root.modules():
                     kind = type(module)
-                    if kind not in layers or "forward" in module.__dict__ or getattr(module, "padding_mode", "zeros") != "zeros":
+                    if (kind not in layers or "forward" in module.__dict__
+                            or getattr(module, "padding_mode", "zeros") != "zeros"):
                         continue
                     func, *params = layers[kind](module)
                     module.forward = (lambda func, params: lambda x: self(func, (x, *params), {}))(func, params)
