@@ -154,25 +154,43 @@ def main(cfg: DictConfig) -> str:
         return run(cfg)
 
 
+def exit_interrupted() -> None:
+    """Ctrl-C: every file is whole (atomic writes); say how far the run got and how to go on, not a traceback."""
+    import logging
+
+    from runner.loggers.wandb import leave_background
+    from runner.sweepdir import interrupted_line
+
+    print("\n" + interrupted_line(sys.argv[1:]), file=sys.stderr)  # on a line of its own, after a progress bar
+    leave_background()
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if "joblib" in sys.modules:  # hydra/launcher=gpus: loky's exit handlers end its workers and semaphores
+        sys.exit(130)
+    # Not sys.exit: tearing down torch, diffusers and transformers takes seconds, and there is nothing left to
+    # save (the lock goes with the process, a W&B logger process finishes the runs it holds on its own)
+    os._exit(130)
+
+
+def on_sigint(signum, frame) -> None:
+    """Exit here rather than raise KeyboardInterrupt wherever the program is: raised inside Hydra composing the
+    next job's config, it left OmegaConf half-updated, and Hydra reported the error that followed (exit 1)."""
+    if "joblib" in sys.modules:
+        raise KeyboardInterrupt  # joblib's Parallel stops its workers on it, then exit_interrupted
+    exit_interrupted()
+
+
 if __name__ == "__main__":
+    import signal
+
     sys.argv[1:] = absolute_config_path(sys.argv[1:])
     warn_unknown_top_level_keys(sys.argv[1:])
     from runner.context import redact_log_records
 
     redact_log_records()  # Hydra logs each job's overrides: +db_password=... must not reach a log
+    signal.signal(signal.SIGINT, on_sigint)
     try:
         main()
-    except KeyboardInterrupt:  # Ctrl-C: every file is whole (atomic writes); say how to go on, not a traceback
-        import logging
-
-        from runner.loggers.wandb import leave_background
-        from runner.sweepdir import interrupted_line
-
-        print(interrupted_line(sys.argv[1:]), file=sys.stderr)
-        leave_background()
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # Not sys.exit: tearing down torch, diffusers and transformers takes seconds, and there is nothing left to
-        # save (the lock goes with the process, a W&B logger process finishes the runs it holds on its own)
-        os._exit(130)
+    except KeyboardInterrupt:
+        exit_interrupted()

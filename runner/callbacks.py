@@ -12,7 +12,6 @@ from omegaconf import DictConfig
 from runner.context import SWEEP_SIZE_ENV, SWEPT_KEYS_ENV, as_typed
 
 log = logging.getLogger("runner")
-ORDERED_SWEEPER = "hydra_plugins.runner_sweeper.ordered_sweeper.ModelOrderedSweeper"
 
 
 def sweep_axes(overrides: list[str]) -> dict[str, int]:
@@ -61,18 +60,20 @@ class SweepResults(Callback):
         overrides += [f"{k}={v}" for k, v in (as_typed(config.hydra.sweeper.get("params")) or {}).items()]
         search = config.hydra.sweeper.get("search")
         if search:  # a search (experiments/nfe_search.yaml): its trials, and the keys it varies
-            os.environ[SWEEP_SIZE_ENV] = str(search.get("n_trials", "?"))
+            axes, jobs = None, search.get("n_trials")
+            os.environ[SWEEP_SIZE_ENV] = str(jobs or "?")
             os.environ[SWEPT_KEYS_ENV] = ",".join(search.get("params") or {})
-            return
-        try:
-            axes = sweep_axes(overrides)
-        except Exception:  # a sweeper with its own syntax: the job lines show "?" and W&B names every override
-            axes = None
-            os.environ.pop(SWEEP_SIZE_ENV, None)
-            os.environ.pop(SWEPT_KEYS_ENV, None)
+        else:
+            try:
+                axes = sweep_axes(overrides)
+            except Exception:  # a sweeper with its own syntax: the job lines show "?" and W&B names every override
+                axes = None
+                os.environ.pop(SWEEP_SIZE_ENV, None)
+                os.environ.pop(SWEPT_KEYS_ENV, None)
+            jobs = math.prod(axes.values()) if axes is not None else None
         if axes is not None:
             refuse_empty_axes(overrides, axes)
-            os.environ[SWEEP_SIZE_ENV] = str(math.prod(axes.values()))
+            os.environ[SWEEP_SIZE_ENV] = str(jobs)
             os.environ[SWEPT_KEYS_ENV] = ",".join(axes)
         if config.get("dry_run"):  # a sweeper that launches dry-run jobs (hydra/sweeper=basic): leave no trace
             self.remember_sweep_dir(Path(config.hydra.sweep.dir))
@@ -81,11 +82,28 @@ class SweepResults(Callback):
         from runner.launch import SWEEP_PID_ENV
 
         os.environ[SWEEP_PID_ENV] = str(os.getpid())  # launcher workers exit when this process is gone
-        own_sweeper = config.hydra.sweeper.get("_target_") == ORDERED_SWEEPER
-        first_job = sweepdir.start(Path(config.hydra.sweep.dir), overrides,
-                                   math.prod(axes.values()) if axes is not None else None,
-                                   bool(config.get(sweepdir.APPEND_KEY)), own_sweeper)
+        # +append numbers new jobs after the old ones: the runner's sweeper does, a search's own numbering does not
+        numbers_after_old_jobs = config.hydra.runtime.choices.get("hydra/sweeper") == "ordered" and not search
+        first_job = sweepdir.start(Path(config.hydra.sweep.dir), overrides, jobs,
+                                   bool(config.get(sweepdir.APPEND_KEY)), numbers_after_old_jobs)
         os.environ[sweepdir.FIRST_JOB_ENV] = str(first_job)
+
+    def on_job_start(self, config: DictConfig, **kwargs) -> None:
+        """Hydra's own sweepers (hydra/sweeper=basic, optuna) save multirun.yaml as typed, secrets included (the
+        runner's sweeper saves it redacted): redact it before the first job draws."""
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        from runner.context import redact_yaml
+        from runner.record import atomic_write_bytes
+
+        hydra_cfg = HydraConfig.get()
+        path = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
+        if hydra_cfg.mode != RunMode.MULTIRUN or not path.is_file():
+            return
+        text = path.read_text()
+        if redact_yaml(text) != text:
+            atomic_write_bytes(path, redact_yaml(text).encode())
 
     def remember_sweep_dir(self, sweep_dir: Path) -> None:
         """Before a dry run's jobs: what the sweep dir and its job dirs hold, so that each job and the end of the
@@ -118,7 +136,11 @@ class SweepResults(Callback):
         from runner.loggers import wandb
 
         if config.get("dry_run"):  # nothing ran: no table, and the sweep dir as it was
+            from runner.dry_run import refused_jobs
+
             self.undo_dry_run(Path(config.hydra.sweep.dir))
+            if refused_jobs:  # hydra/sweeper=basic: each job printed its own refusal; the sweep is not ready
+                sys.exit(2)
             return
         # Hydra turns a callback's exception into a warning: a sweep whose table could not be written must still fail.
         try:

@@ -26,6 +26,9 @@ PIXEL_ENVIRONMENT_COLUMNS = ("torch_version", "diffusers_version", "transformers
                              "cpu_threads")
 # Per image: model evaluations counted by the loop (runner.sampling.Tally).
 COST_COLUMNS = ("nfe", "unet_evals")
+# A fused sweep (runner.fused): the group the point was drawn with and the images of its batch; empty when the point
+# drew its images alone. Its time columns are then its share of the batch, split by images.
+FUSED_COLUMNS = ("fused_group", "fused_batch_size")
 # Written into each PNG's `runner` text chunk (and A1111's `parameters` line).
 PNG_KEYS = ("model", "scheduler", "schedule", "steps", "guidance", "seed", "prompt", "negative_prompt", "height", "width",
             "strength", "init_image", "precision", "config_hash")

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from runner.context import JobContext
 from runner.faults import inject_fault
+from runner.fused import take, unfused_columns
 from runner.jobdir import ERROR_FILE, ROWS_FILE, SCHEDULE_FILE, image_name, kept_images
 from runner.record import atomic_write_bytes, save_image, save_latent, write_table
 
@@ -59,8 +60,9 @@ def draw_plan(spec, job_dir: Path, context: JobContext, plan: list, base: dict, 
     if kept:
         log.info(f"  {len(kept)} of {len(plan)} image(s) already drawn for this config: kept")
     inject_fault(context.job_num, "sample")
+    predrawn = take(job_dir, context.config_hash) if not kept else None  # drawn in a fused sweep's batch
     drawn, pictures = draw_images(spec, family, components, scheduler, state, job_dir, context, plan, kept, base,
-                                  timer)
+                                  timer, predrawn)
     cost = next((dict(nfe=r["nfe"], unet_evals=r["unet_evals"]) for r in drawn.values()),
                 dict(nfe=None, unet_evals=None))  # every image of a job runs the same loop
     rows = [drawn[i] if i in drawn else dict(base, prompt=p, seed=s, **kept[i], **cost) for i, (p, s) in enumerate(plan)]
@@ -68,13 +70,17 @@ def draw_plan(spec, job_dir: Path, context: JobContext, plan: list, base: dict, 
     with timer("metrics"):
         rows = add_image_metrics(spec, family, rows, [pictures.get(i) for i in range(len(plan))], job_dir)
     # 6. record the schedule the loop used, and the timings
-    if not drawn:
-        set_schedule(scheduler, spec)  # nothing was drawn, so the schedule is set here to record it
+    if not drawn or predrawn is not None:
+        set_schedule(scheduler, spec)  # nothing was drawn here, so the schedule is set here to record it
     schedule = recorded_schedule(spec, family, scheduler)
     write_table(job_dir / SCHEDULE_FILE, schedule)
+    if predrawn is not None:  # its share of the batch's time, split by images
+        predrawn.charge(clock)
+        cached = predrawn.cached
     times = clock.columns(len(rows), cached, warmed_up)
+    fused = predrawn.columns() if predrawn is not None else unfused_columns()
     log.info(f"  {len(rows)} image(s) in {times['time_total_s']:.2f} s  → {job_dir}")
-    return [dict(row, shift_mu=schedule_mu(scheduler), **times, status="ok", error="") for row in rows], schedule
+    return [dict(row, shift_mu=schedule_mu(scheduler), **times, **fused, status="ok", error="") for row in rows], schedule
 
 
 def load_and_warm_up(spec, plan: list, timer):
@@ -94,9 +100,9 @@ def load_and_warm_up(spec, plan: list, timer):
     return components, cached, scheduler, warmed_up
 
 
-def draw_images(spec, family, components, scheduler, state, job_dir, context, plan, kept, base, timer):
+def draw_images(spec, family, components, scheduler, state, job_dir, context, plan, kept, base, timer, predrawn=None):
     """The plan's images not kept, in batches of at most `sampling.batch_size`, one CPU generator per image:
-    ({plan index: row}, {plan index: uint8 image})."""
+    ({plan index: row}, {plan index: uint8 image}). `predrawn`: the whole plan, already drawn in a fused batch."""
     import torch
 
     from runner.sampling import Tally
@@ -107,9 +113,12 @@ def draw_images(spec, family, components, scheduler, state, job_dir, context, pl
         batch = todo[first:first + spec.batch_size]
         generators = [torch.Generator("cpu").manual_seed(seed) for _, _, seed in batch]
         tally = Tally()
-        with timer("sample"):
-            images, latents = family.sample(components, scheduler, spec, [p for _, p, _ in batch], generators, state,
-                                            timer, tally)
+        if predrawn is not None:
+            images, latents, tally = predrawn.images, predrawn.latents, Tally(predrawn.nfe, predrawn.forward)
+        else:
+            with timer("sample"):
+                images, latents = family.sample(components, scheduler, spec, [p for _, p, _ in batch], generators,
+                                                state, timer, tally)
         with timer("save"):
             inject_fault(context.job_num, "save")
             for i, ((index, prompt, seed), image) in enumerate(zip(batch, images)):

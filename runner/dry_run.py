@@ -40,6 +40,8 @@ def report_lines(jobs, configs, history_path, summary: dict):
         estimate = (None if per_eval is None else
                     images * (planned_nfe(spec) * per_eval + per_image) + (load if model != previous_model else 0))
         previous_model = model
+        if "specs" in summary:  # hydra/launcher=fused: its batches are listed after the table (fused_lines)
+            summary["specs"].append((num, spec, estimate))
         total_images += images
         if estimate is None:
             unknown += 1
@@ -77,20 +79,73 @@ def report(jobs: list[list[str]], configs: list[DictConfig], history_path) -> tu
     return text, summary["refused"]
 
 
-def print_lines(jobs, configs, history_path) -> int:
+def print_lines(jobs, configs, history_path, fused: bool = False) -> int:
     """Print the table line by line as the jobs are checked; returns how many the check refused (the caller then
-    exits 2, after print_refused)."""
-    summary = {}
+    exits 2, after print_refused). `fused`: the sweep runs under hydra/launcher=fused: its batches follow."""
+    summary = {"specs": []} if fused else {}
     for line in report_lines(jobs, configs, history_path, summary):
         print(line, flush=True)
+    if fused:
+        for line in fused_lines(summary["specs"], history_path):
+            print(line, flush=True)
     print_refused(summary["refused"], summary["jobs"])
     return summary["refused"]
+
+
+def fused_lines(specs: list, history_path):
+    """The batches hydra/launcher=fused would draw (runner.fused: the points that pass the check and share a batch;
+    what a resume would skip is not looked at), and the sweep's estimate with them: a batch at the rates of earlier
+    fused rows of its model, device and dtype, or where there are none, as its points drawn alone."""
+    from runner.fused import Point, group
+
+    estimates = {num: estimate for num, _, estimate in specs}
+    groups = group([Point(num, spec, "", "", num) for num, spec, _ in specs])
+    in_batches = {p.index for batches in groups for batch in batches for p in batch}
+    yield (f"fused: {sum(len(b) for b in groups)} batch(es) in {len(groups)} group(s) hold {len(in_batches)} of "
+           f"{len(specs)} job(s); the others draw alone")
+    history = past_rows(history_path)
+    if history is not None and "fused_batch_size" in history:
+        history = history[history["fused_batch_size"].notna()]
+    total = sum(e for num, e in estimates.items() if num not in in_batches and e is not None)
+    unknown = sum(1 for num, e in estimates.items() if num not in in_batches and e is None)
+    previous_model = None
+    for number, batches in enumerate(groups):
+        for batch in batches:
+            estimate, how = batch_estimate(batch, history, estimates)
+            model = (batch[0].spec.name_or_path, batch[0].spec.dtype, batch[0].spec.device)
+            if estimate is not None and how == FUSED_RATES and model != previous_model:
+                estimate += rates(history, batch[0].spec)[2]  # its model's load, once per model switch
+            previous_model = model
+            total, unknown = (total + estimate, unknown) if estimate is not None else (total, unknown + len(batch))
+            shown = "?" if estimate is None else f"{estimate:.1f}"
+            yield (f"  group {number}: jobs {' '.join(str(p.index) for p in batch)}: "
+                   f"{sum(p.images for p in batch)} image(s) in one batch, est_s {shown} ({how})")
+    note = f" ({unknown} job(s) with no estimate not counted)" if unknown else ""
+    yield f"total, fused: about {total:.1f} s{note}"
+
+
+FUSED_RATES = "earlier fused rows"
+
+
+def batch_estimate(batch, fused_history, estimates) -> tuple[float | None, str]:
+    """(seconds, how) for one fused batch."""
+    spec = batch[0].spec
+    per_eval, per_image, _ = rates(fused_history if fused_history is not None and len(fused_history) else None, spec)
+    if per_eval is not None:
+        return sum(p.images * (planned_nfe(p.spec) * per_eval + per_image) for p in batch), FUSED_RATES
+    alone = [estimates.get(p.index) for p in batch]
+    return (None if None in alone else sum(alone)), "no earlier fused rows: as drawn alone"
+
+
+refused_jobs: list[int] = []  # dry-run jobs refused in this process (a sweep launched job by job: its end exits 2)
 
 
 def print_report(text: str, refused: int, jobs: int) -> None:
     """The table on stdout; where the check refuses points, one error line on stderr (the caller exits 2)."""
     print(text)
     print_refused(refused, jobs)
+    if refused:
+        refused_jobs.append(refused)
 
 
 def print_refused(refused: int, jobs: int) -> None:

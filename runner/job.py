@@ -47,7 +47,7 @@ def run_or_refuse(cfg: DictConfig) -> str:
     from runner.launch import pin_worker_gpu
 
     hydra_cfg = HydraConfig.get()
-    pin_worker_gpu(hydra_cfg.launcher.get("_target_", ""))  # before anything initialises CUDA in this process
+    pin_worker_gpu(hydra_cfg.runtime.choices.get("hydra/launcher"))  # before anything initialises CUDA here
     job_context.redact_log_records()  # also in launcher workers, which never ran runner.__main__
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     job_dir = Path(hydra_cfg.runtime.output_dir)

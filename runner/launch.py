@@ -12,7 +12,7 @@ import os
 import tempfile
 from pathlib import Path
 
-JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
+WORKER_LAUNCHERS = ("gpus", "joblib")  # hydra/launcher options whose jobs run in reusable joblib worker processes
 CPU_WORKERS = 2  # `hydra/launcher=gpus` on a machine without GPU: this many processes
 
 _pinned: dict = {}  # this process's claim: {"gpu": id, "lock": open file}, kept for the process's life
@@ -33,12 +33,14 @@ def default_workers() -> int:
     return len(visible_gpus()) or CPU_WORKERS
 
 
-def pin_worker_gpu(launcher_target: str) -> str | None:
-    """In a joblib worker, claim one GPU for this process (once) and return its id; None elsewhere or on CPU. The
-    worker also starts watching for its parent's death (exit_with_parent)."""
-    if launcher_target != JOBLIB_LAUNCHER:
+def pin_worker_gpu(launcher_option: str | None) -> str | None:
+    """In a joblib worker (`launcher_option`: the hydra/launcher choice), claim one GPU for this process (once) and
+    return its id; None elsewhere or on CPU. The worker also starts watching for its parent's death
+    (exit_with_parent)."""
+    if launcher_option not in WORKER_LAUNCHERS:
         return None
     exit_with_parent()
+    progress_bars_without_semaphores()
     if "gpu" not in _pinned:
         gpus = visible_gpus()
         if not gpus:
@@ -95,3 +97,14 @@ def exit_with_parent() -> None:
 
     _watching.append(threading.Thread(target=watch, name="runner-exit-with-parent", daemon=True))
     _watching[0].start()
+
+
+def progress_bars_without_semaphores() -> None:
+    """tqdm guards its bars with a multiprocessing lock, a named semaphore; a worker that is killed (Ctrl-C, its
+    parent gone) leaves it behind, and multiprocessing's resource tracker warns about it. A worker's bars are its
+    own: a thread lock is enough."""
+    import threading
+
+    from tqdm.auto import tqdm
+
+    tqdm.set_lock(threading.RLock())

@@ -107,6 +107,29 @@ def guidance_condition(unet, guidance: float, rows: int, device, dtype):
     return guidance_embedding(w, unet.config.time_cond_proj_dim).to(device=device, dtype=dtype)
 
 
+def guided_any(guidance) -> bool:
+    """Whether a batch runs classifier-free guidance: its guidance, or any image's where each image has its own
+    (a fused sweep's batch, runner.fused: a tuple, one scale per image)."""
+    return max(guidance) > 1 if isinstance(guidance, tuple) else guidance > 1
+
+
+def combine_cfg(noise_pred, guidance, adjust=None):
+    """The classifier-free guidance combination eps_u + w (eps_c - eps_u) of a batch's [uncond; cond] prediction,
+    then `adjust(guided, eps_c)` if given (SDXL's guidance rescale). With one scale per image (a tuple: a fused
+    sweep's batch, runner.fused), each row takes its own w, and a row whose w <= 1 takes eps_c as it is: its point,
+    drawn alone, runs no unconditional pass."""
+    noise_uncond, noise_cond = noise_pred.chunk(2)
+    if isinstance(guidance, tuple):
+        w = torch.tensor(guidance, dtype=noise_pred.dtype, device=noise_pred.device)
+        w = w.view(-1, *[1] * (noise_pred.ndim - 1))
+    else:
+        w = guidance
+    guided = noise_uncond + w * (noise_cond - noise_uncond)
+    if adjust is not None:
+        guided = adjust(guided, noise_cond)
+    return torch.where(w > 1, guided, noise_cond) if isinstance(guidance, tuple) else guided
+
+
 @dataclass
 class Tally:
     """Model evaluations per image, counted where they happen: `nfe` counts evaluations of the guided model (a

@@ -293,10 +293,49 @@ def scheduler_kwargs(name: str, class_name: str | None, kwargs: dict, family, mo
 def make_spec(cfg: DictConfig, model_files: dict | None = None) -> Spec:
     """Check every value of a composed config and return the plain spec a job runs from. `model_files`: a dict
     that keeps what the model's files said between calls (a dry run checks thousands of points of a few models)."""
+    # 1. nothing to instantiate outside the allow-list; plain values from here on
     refuse_unknown_targets(OmegaConf.to_container(cfg, resolve=False))
     c = OmegaConf.to_container(cfg, resolve=True)
     model, sched, prec, sampling = c["model"], c["scheduler"], c["precision"], c["sampling"]
+    # 2. what to draw: steps, guidance, seeds, prompts, eta, img2img, device and dtype names
+    drawing = check_drawing(c)
+    # 3. the model's files (read once per model in a dry run), then the sizes they allow
+    info = checked_model_info(model, model_files)
+    sizes = check_size(c, info)
+    # 4. the scheduler, its backend and schedule, as the model's family takes them
+    family = info.family
+    scheduler = check_scheduler(c, sched, family, info, drawing["steps"])
+    if not family.conditional:  # no text encoder: prompts would only duplicate images and mislabel rows
+        drawing.update(prompts=[""], negative_prompt="")
+    # 5. scoring, device, precision options; then the family's own checks of the whole spec
+    metric, clip_model = check_metric(model)
+    device = resolve_device(c["device"])
+    from runner.precision import check_options
 
+    spec = Spec(
+        model=model["name"], name_or_path=model["name_or_path"], revision=model.get("revision"), vae=model.get("vae"),
+        allow_pickle=bool(model.get("allow_pickle")), family=family.name, model_revision=info.revision,
+        scheduler=sched["name"], scheduler_class=sched["class_name"], scheduler_kwargs=scheduler["kwargs"],
+        precision=prec["name"], dtype=resolve_dtype(prec["dtype"], device), device=device,
+        steps=drawing["steps"], guidance=drawing["guidance"], seeds=tuple(drawing["seeds"]),
+        prompts=tuple(drawing["prompts"]), negative_prompt=drawing["negative_prompt"],
+        height=sizes["height"], width=sizes["width"], batch_size=drawing["batch_size"], eta=drawing["eta"],
+        progress=bool(sampling["progress"]), init_image=drawing["init_image"], strength=drawing["strength"],
+        precision_options=check_options(prec, device, family), metric=metric, clip_model=clip_model,
+        family_options=dict(c.get(family.options_key) or {}) if family.options_key else {},
+        pipeline_config=info.pipeline_config, schedule=scheduler["schedule"],
+        schedule_timesteps=scheduler["schedule_timesteps"], schedule_sigmas=scheduler["schedule_sigmas"],
+        model_facts=info.facts, model_components=info.components,
+        scheduler_backend=scheduler["backend"], k_sampler=scheduler["k_sampler"],
+        shift=None if c.get("shift") is None else float(c["shift"]),
+    )
+    family.check(spec)
+    return spec
+
+
+def check_drawing(c: dict) -> dict:
+    """The values that say what to draw and how, each refused (key, value, what is allowed) when out of range."""
+    sampling, prec = c["sampling"], c["precision"]
     steps = as_int("steps", c["steps"], 1, MAX_STEPS, f"an integer >= 1, at most {MAX_STEPS}")
     refuse_non_finite({k: v for k, v in c.items() if k != "hydra"})
     guidance = as_number("guidance", c["guidance"], 0, "a number >= 0 (<= 1 turns classifier-free guidance off)")
@@ -315,10 +354,9 @@ def make_spec(cfg: DictConfig, model_files: dict | None = None) -> Spec:
     batch_size = as_int("sampling.batch_size", sampling["batch_size"], 1, None, "an integer >= 1")
     eta = at_most("sampling.eta", as_number("sampling.eta", sampling["eta"], 0, "a number >= 0"), MAX_ETA,
                   f"a number in 0..{MAX_ETA:g} (0: deterministic DDIM, 1: DDPM-like noise)")
-    class_name = sched["class_name"]
+    class_name = c["scheduler"]["class_name"]
     if class_name is not None and class_name not in ALLOWED_SCHEDULERS:
         fail("scheduler.class_name", class_name, "one of " + ", ".join(sorted(ALLOWED_SCHEDULERS)))
-    kwargs = {k: v for k, v in (sched.get("kwargs") or {}).items() if v is not None}
     strength = as_number("strength", c["strength"], 0, "a number in (0, 1]")
     if not 0 < strength <= 1:
         fail("strength", strength, "a number in (0, 1]")
@@ -332,7 +370,12 @@ def make_spec(cfg: DictConfig, model_files: dict | None = None) -> Spec:
         fail("precision.dtype", dtype, " | ".join(DTYPES))
     if dtype == "fp16" and c["device"] == "cpu":
         resolve_dtype(dtype, "cpu")
+    return dict(steps=steps, guidance=guidance, seeds=seeds, prompts=prompts, negative_prompt=negative_prompt,
+                batch_size=batch_size, eta=eta, strength=strength, init_image=init_image)
 
+
+def checked_model_info(model: dict, model_files: dict | None) -> ModelInfo:
+    """What the model's files say (kept in `model_files` when given); local weights are checked on the first read."""
     files_key = (model["name_or_path"], model.get("revision"), model.get("vae"), bool(model.get("allow_pickle")))
     info = (model_files or {}).get(files_key) or read_model_info(model["name_or_path"], model.get("revision"),
                                                                  model.get("vae"))
@@ -342,6 +385,11 @@ def make_spec(cfg: DictConfig, model_files: dict | None = None) -> Spec:
                 check_local_weights(Path(path), bool(model.get("allow_pickle")), key)
     if model_files is not None:
         model_files[files_key] = info
+    return info
+
+
+def check_size(c: dict, info: ModelInfo) -> dict:
+    """height and width: the model's native size when unset, a multiple of its latent scale, within memory."""
     sizes = {}
     for key in ("height", "width"):
         value = c[key]
@@ -356,8 +404,13 @@ def make_spec(cfg: DictConfig, model_files: dict | None = None) -> Spec:
         raise ConfigError(f"height x width={sizes['height']}x{sizes['width']} is not allowed: at most {MAX_PIXELS} "
                           f"pixels per image (4096x4096); the latents and activations of larger images do not fit "
                           "in memory")
+    return sizes
 
-    family = info.family
+
+def check_scheduler(c: dict, sched: dict, family, info: ModelInfo, steps: int) -> dict:
+    """The scheduler's kwargs as the family takes them, its backend (diffusers or k-diffusion) and its schedule."""
+    class_name = sched["class_name"]
+    kwargs = {k: v for k, v in (sched.get("kwargs") or {}).items() if v is not None}
     kwargs = scheduler_kwargs(sched["name"], class_name, kwargs, family, info.scheduler_config, c.get("shift"))
     schedule = c.get("schedule") or {"name": "default"}  # configs saved before the axis existed
     backend = sched.get("backend", "diffusers")
@@ -369,30 +422,14 @@ def make_spec(cfg: DictConfig, model_files: dict | None = None) -> Spec:
     if steps == 1 and not family.flow and backend == "diffusers":
         check_single_step(sched["name"], class_name, kwargs, info.scheduler_config, schedule_timesteps,
                           schedule_sigmas)
-    if not family.conditional:  # no text encoder: prompts would only duplicate images and mislabel rows
-        prompts, negative_prompt = [""], ""
+    return dict(kwargs=kwargs, backend=backend, k_sampler=k_sampler, schedule=schedule["name"],
+                schedule_timesteps=schedule_timesteps, schedule_sigmas=schedule_sigmas)
+
+
+def check_metric(model: dict) -> tuple:
     metric, clip_model = model.get("metric"), model.get("clip_model")
     if metric is not None and metric not in METRICS:
         fail("model.metric", metric, " | ".join(METRICS) + " | null")
     if metric == "clip" and not clip_model:
         fail("model.clip_model", clip_model, "a hub id or local directory of CLIP weights (model.metric=clip)")
-    device = resolve_device(c["device"])
-    from runner.precision import check_options
-
-    spec = Spec(
-        model=model["name"], name_or_path=model["name_or_path"], revision=model.get("revision"), vae=model.get("vae"),
-        allow_pickle=bool(model.get("allow_pickle")), family=family.name, model_revision=info.revision,
-        scheduler=sched["name"], scheduler_class=class_name, scheduler_kwargs=kwargs,
-        precision=prec["name"], dtype=resolve_dtype(dtype, device), device=device,
-        steps=steps, guidance=guidance, seeds=tuple(seeds), prompts=tuple(prompts), negative_prompt=negative_prompt,
-        height=sizes["height"], width=sizes["width"], batch_size=batch_size, eta=eta,
-        progress=bool(sampling["progress"]), init_image=init_image, strength=strength,
-        precision_options=check_options(prec, device, family), metric=metric, clip_model=clip_model,
-        family_options=dict(c.get(family.options_key) or {}) if family.options_key else {},
-        pipeline_config=info.pipeline_config, schedule=schedule["name"], schedule_timesteps=schedule_timesteps,
-        schedule_sigmas=schedule_sigmas, model_facts=info.facts, model_components=info.components,
-        scheduler_backend=backend, k_sampler=k_sampler,
-        shift=None if c.get("shift") is None else float(c["shift"]),
-    )
-    family.check(spec)
-    return spec
+    return metric, clip_model

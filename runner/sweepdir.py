@@ -99,8 +99,8 @@ def check(sweep_dir: Path, this: list[str], append: bool, own_sweeper: bool, loc
         refuse(sweep_dir, f"it holds {held}; resume with the same overrides, use a new dir, or add +{APPEND_KEY}=true "
                           "to add this sweep to it")
     if not own_sweeper:
-        refuse(sweep_dir, f"+{APPEND_KEY}=true numbers the new jobs after the ones there, which needs the runner's "
-                          "sweeper (hydra/sweeper=ordered, the default)")
+        refuse(sweep_dir, f"+{APPEND_KEY}=true numbers the new jobs after the ones there, which only the runner's "
+                          "sweeper does (hydra/sweeper=ordered, the default, without a search); use a new dir")
 
 
 def held_by(sweep_dir: Path) -> str | None:

@@ -51,6 +51,7 @@ class JobClock:
         self.timer = Timer(device)
         self.memory = PeakMemory(device)
         self.start = perf_counter()
+        self.shared_s = 0.0  # a fused sweep point's share of the batch drawn before its job started (runner.fused)
 
     def columns(self, n_images: int, cached: bool, warmed_up: bool) -> dict:
         """The job's `time_*_s` and `mem_*` columns (the same values on each of its rows).
@@ -61,7 +62,7 @@ class JobClock:
         the number to compare across jobs.
         """
         self.timer._sync()
-        total = perf_counter() - self.start
+        total = perf_counter() - self.start + self.shared_s
         laps, totals = self.timer.laps, self.timer.totals
         steps = laps.get("step", [])
         return {

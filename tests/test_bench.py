@@ -20,7 +20,8 @@ def test_bench_writes_and_prints_the_ratios(tmp_path):
         cwd=tmp_path, capture_output=True, text=True, timeout=300, env=dict(os.environ, HF_HUB_OFFLINE="1"))
     assert result.returncode == 0, result.stderr[-2000:]
     headline = json.loads(result.stdout.strip().splitlines()[-1])
-    assert set(headline) == {"runner_over_bare", "batched_over_single", "sweep_over_bare"}
+    assert set(headline) == {"runner_over_bare", "batched_over_single", "sweep_over_bare", "fused_sweep_over_bare",
+                             "fused_sweep_over_unfused", "fused_over_one_batched_call"}
     assert all(isinstance(v, float) and v > 0 for v in headline.values())
 
     files = list(out.glob("*.json"))
@@ -49,6 +50,8 @@ def test_bench_writes_and_prints_the_ratios(tmp_path):
     assert "logging" in per_image and 0 < per_image["wandb_empty_run_median_s"] < per_image["runner_median_s"]
     assert batched["images"] == 3 and batched["batched_max_pixel_diff_vs_single"] <= 1
     assert sweep["points"] == 4 and len(sweep["runner_s"]) == len(sweep["bare_s"]) == 1
+    fused = report["fused"]  # 2 schedulers x 1 guidance x 2 seeds: one batch of 2 points per scheduler, drawn fused
+    assert fused["points"] == 4 and fused["fused_batches_drawn"] == 2 and fused["fused_images_identical_to_unfused"]
     assert report["environment"]["torch_version"] and report["environment"]["device"] == "cpu"
     assert "runner_mfu" not in per_image  # FLOP utilisation only for the SD1.5-shaped UNet on a known GPU
 

@@ -77,6 +77,9 @@ def test_a_dry_run_with_a_refused_value_exits_2(tmp_path):
     assert single.stderr.strip().splitlines()[-1].startswith("error: 1 of 1 job(s) would be refused")
     sweep = run_cli("-m", "steps=2,0", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'dry'}", cwd=tmp_path)
     assert sweep.returncode == 2 and "error: 1 of 2 job(s) would be refused" in sweep.stderr
+    basic = run_cli("-m", "hydra/sweeper=basic", "steps=2,0", "dry_run=true", f"hydra.sweep.dir={tmp_path / 'dry'}",
+                    cwd=tmp_path)  # Hydra's own sweeper launches the dry run job by job
+    assert basic.returncode == 2 and "error: 1 of 1 job(s) would be refused" in basic.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "dry").exists()
 
 
@@ -362,6 +365,17 @@ def test_typed_secrets_reach_no_file_log_or_wandb_run(tmp_path):
 
 
 @pytest.mark.slow
+def test_hydras_own_sweeper_leaves_no_typed_secret_in_multirun_yaml(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run_cli("-m", "hydra/sweeper=basic", "model=tiny-sd", "steps=2", f"+db_password={TYPED_SECRETS[0]}",
+                     "wandb.mode=disabled", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "db_password: '***'" in (sweep / "multirun.yaml").read_text()
+    for path in (p for p in sweep.rglob("*") if p.is_file()):
+        assert TYPED_SECRETS[0].encode() not in path.read_bytes(), f"the secret leaked into {path}"
+
+
+@pytest.mark.slow
 def test_reproduce_never_reads_the_environment_into_new_files(tmp_path):
     job = tmp_path / "job"
     drawn = run_cli("model=tiny-sd", "steps=2", "prompt=${oc.env:RUNNER_TEST_PROMPT}", f"hydra.run.dir={job}",
@@ -448,7 +462,8 @@ def test_a_parent_dir_as_sweep_dir_gathers_only_this_sweeps_jobs(tmp_path):
 # ------------------------------------------------------------------ 11. Ctrl-C: one line, exit 130, resumable
 
 @pytest.mark.slow
-def test_ctrl_c_is_one_line_exit_130_and_the_printed_command_resumes(tmp_path):
+@pytest.mark.parametrize("launcher", ["hydra/launcher=basic", "hydra/launcher=gpus"])
+def test_ctrl_c_is_one_line_exit_130_and_the_printed_command_resumes(launcher, tmp_path):
     import os
     import shlex
     import signal
@@ -457,7 +472,8 @@ def test_ctrl_c_is_one_line_exit_130_and_the_printed_command_resumes(tmp_path):
     import time
 
     sweep = tmp_path / "sweep"
-    args = ["-m", "model=tiny-sd", "scheduler=ddim,euler,lms", "steps=40", "seed=[0,1]", f"hydra.sweep.dir={sweep}"]
+    args = ["-m", launcher, "model=tiny-sd", "scheduler=ddim,euler,lms", "steps=40", "seed=[0,1]",
+            f"hydra.sweep.dir={sweep}"]
     process = subprocess.Popen([sys.executable, "-m", "runner", *args], cwd=tmp_path, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True,
                                env=dict(os.environ, HF_HUB_OFFLINE="1"))
@@ -467,7 +483,7 @@ def test_ctrl_c_is_one_line_exit_130_and_the_printed_command_resumes(tmp_path):
     os.killpg(process.pid, signal.SIGINT)  # as a terminal's Ctrl-C: the whole foreground group
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 130, stderr
-    assert "Traceback" not in stdout + stderr
+    assert "Traceback" not in stdout + stderr and "leaked" not in stderr  # (no resource-tracker warnings either)
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("interrupted: ") and " of 3 point(s) done; resume with: python -m runner " in last
     done = int(last.split()[1])

@@ -258,6 +258,20 @@ def test_optimize_names_are_checked(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_search_into_a_used_sweep_dir_is_refused_even_appended(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the search extra: pip install -e '.[search]'")
+    sweep = tmp_path / "sweep"
+    assert run_cli("-m", "steps=2", "sampling.progress=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path).returncode == 0
+    before = sorted((p, p.stat().st_mtime_ns) for p in sweep.rglob("*") if p.is_file())
+    for append in ([], ["+append=true"]):  # a search numbers its trials from 0: it would write over job 0
+        result = run_cli("-m", "experiment=nfe_search", "hydra.sweeper.search.n_trials=2", *append,
+                         f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.startswith(f"error: hydra.sweep.dir={str(sweep)!r} is not "
+                                                                   "allowed: "), result.stderr
+    assert sorted((p, p.stat().st_mtime_ns) for p in sweep.rglob("*") if p.is_file()) == before
+
+
+@pytest.mark.slow
 def test_search_finishes_with_a_pareto_set_non_dominated_among_its_trials(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the search extra: pip install -e '.[search]'")
     from omegaconf import OmegaConf

@@ -94,7 +94,9 @@ class ModelOrderedSweeper(BasicSweeper):
         jobs = [job for batch in self.split_arguments(overrides, None) for job in batch]
         from runner.dry_run import print_lines
 
-        if print_lines(jobs, self.job_configs(jobs, parsed_values(overrides)), self.config.get("dry_run_results", "results")):
+        fused = str(self.config.hydra.launcher.get("_target_", "")).endswith(".FusedLauncher")
+        if print_lines(jobs, self.job_configs(jobs, parsed_values(overrides)), self.config.get("dry_run_results", "results"),
+                       fused):
             sys.exit(2)  # a sweep that would refuse points is not ready: say so to scripts too
         return []
 

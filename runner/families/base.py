@@ -45,6 +45,7 @@ class Family:
     has_vae: bool = True      # latent diffusion: the VAE options (slicing, tiling) and CPU offload apply
     flow: bool = False        # flow matching (sigma in [0, 1]) rather than a VP (DDPM-style) schedule
     options_key: str | None = None  # a top-level config node of family options (e.g. "sdxl"), if it has one
+    fusable: bool = False     # sweep points can share its batches (runner.fused): it answers `fuse`
 
     def recognise(self, classes: dict[str, str]) -> bool:
         """Whether a model_index.json ({component: class name}, non-null entries only) is this family's."""
@@ -75,6 +76,17 @@ class Family:
         None for pixel-space models). Pure: no files, no tables, no W&B. `timer(name)` times spans;
         `tally` counts model evaluations (runner.sampling.Tally)."""
         raise NotImplementedError
+
+    def fuse(self, states: list, prompts: list[list[str]]) -> Any:
+        """One batch's state from the states of the sweep points it holds (runner.fused): each point's conditioning
+        computed by its own state from `prompts[i]`, its images' prompts, as its own batch would, then stacked."""
+        raise NotImplementedError
+
+    def uses_cfg(self, components: Components, guidance) -> bool:
+        """Whether a batch with this guidance (a scale, or one per image) runs an unconditional pass."""
+        from runner.sampling import guided_any
+
+        return guided_any(guidance) and getattr(components.denoiser.config, "time_cond_proj_dim", None) is None
 
     def warm_up(self, components: Components, spec, batch_size: int) -> None:
         """One denoiser forward with the shapes a batch of `batch_size` images uses (CUDA init, compiling)."""

@@ -94,12 +94,26 @@ class PromptEmbeddings:
         return self([self.negative_prompt] * len(like[0]))
 
 
+class FusedEmbeddings:
+    """A fused batch's (hidden states, pooled), each point's computed by its own PromptEmbeddings (runner.fused)."""
+
+    def __init__(self, cond: tuple, negative: tuple, dtype):
+        self.cond, self.negatives, self.dtype = cond, negative, dtype
+
+    def __call__(self, prompts):
+        return self.cond
+
+    def negative(self, like):
+        return self.negatives
+
+
 class SDXL(Family):
     name = "sdxl"
     pipeline = "StableDiffusionXLPipeline"
     summary = ("CLIPTextModel + CLIPTextModelWithProjection + UNet2DConditionModel + AutoencoderKL, "
                "like StableDiffusionXLPipeline")
     options_key = "sdxl"
+    fusable = True
 
     def recognise(self, classes: dict[str, str]) -> bool:
         tokenizers = {"CLIPTokenizer", "CLIPTokenizerFast"}
@@ -150,6 +164,14 @@ class SDXL(Family):
     def prepare(self, components: Components, spec, timer):
         return PromptEmbeddings(components, spec, timer)
 
+    def fuse(self, states, prompts):
+        import torch
+
+        cond = [state(list(p)) for state, p in zip(states, prompts)]
+        negative = [state.negative(c) for state, c in zip(states, cond)]
+        return FusedEmbeddings(*(tuple(torch.cat(parts) for parts in zip(*side)) for side in (cond, negative)),
+                               dtype=states[0].dtype)
+
     def sample(self, components: Components, scheduler, spec, prompts, generators, state, timer, tally):
         import torch
 
@@ -162,12 +184,13 @@ class SDXL(Family):
 
         from runner.ksampling import is_k
         from runner.ksampling import sample as k_sample
-        from runner.sampling import denoise, guidance_condition, latent_scale, set_schedule, step_kwargs, to_uint8
+        from runner.sampling import (combine_cfg, denoise, guidance_condition, guided_any, latent_scale, set_schedule,
+                                     step_kwargs, to_uint8)
 
         unet, vae = components.denoiser, components.vae
         embeds = state if state is not None else self.prepare(components, spec, timer)
         device, dtype, n = spec.device, embeds.dtype, len(generators)
-        use_cfg = spec.guidance > 1 and unet.config.time_cond_proj_dim is None
+        use_cfg = guided_any(spec.guidance) and unet.config.time_cond_proj_dim is None
         rescale = float(_options(spec).get("guidance_rescale") or 0.0)
 
         # 1. conditioning: [uncond; cond] rows under CFG, as the pipeline orders them
@@ -187,9 +210,8 @@ class SDXL(Family):
                               timestep_cond=timestep_cond, added_cond_kwargs=added, return_dict=False)[0]
             if not use_cfg:
                 return noise_pred
-            noise_uncond, noise_cond = noise_pred.chunk(2)
-            guided_pred = noise_uncond + spec.guidance * (noise_cond - noise_uncond)
-            return rescale_noise_cfg(guided_pred, noise_cond, rescale) if rescale > 0 else guided_pred
+            return combine_cfg(noise_pred, spec.guidance,
+                               (lambda pred, cond: rescale_noise_cfg(pred, cond, rescale)) if rescale > 0 else None)
 
         scale = latent_scale(vae.config)
         shape = (n, unet.config.in_channels, spec.height // scale, spec.width // scale)
@@ -236,7 +258,9 @@ class SDXL(Family):
         from runner.sampling import latent_scale
 
         unet, c = components.denoiser, components
-        rows = batch_size * (2 if spec.guidance > 1 and unet.config.time_cond_proj_dim is None else 1)
+        from runner.sampling import guided_any
+
+        rows = batch_size * (2 if guided_any(spec.guidance) and unet.config.time_cond_proj_dim is None else 1)
         scale, dtype = latent_scale(c.vae.config), torch_dtype(spec.dtype)
         # A private generator: the warm-up must not move the global RNG (nor, of course, the images' generators).
         g = torch.Generator("cpu").manual_seed(0)

@@ -10,6 +10,7 @@ class StableDiffusion(Family):
     pipeline = "StableDiffusionPipeline"
     summary = "CLIPTokenizer + CLIPTextModel + UNet2DConditionModel + AutoencoderKL, like StableDiffusionPipeline"
     img2img_pipeline = "StableDiffusionImg2ImgPipeline"
+    fusable = True
 
     def recognise(self, classes):
         wanted = {"tokenizer": "CLIPTokenizer", "text_encoder": "CLIPTextModel", "unet": "UNet2DConditionModel",
@@ -53,12 +54,19 @@ class StableDiffusion(Family):
         tokenizer, text_encoder = components.text["tokenizer"], components.text["text_encoder"]
         warn_truncated(tokenizer, spec.prompts + (spec.negative_prompt,))
         cache = PromptCache(lambda prompts: (encode_prompts(tokenizer, text_encoder, prompts),), timer)
-        return {"embeds": lambda prompts: cache(prompts)[0], "init_image": load_init_image(spec)}
+        return {"embeds": lambda prompts: cache(prompts)[0],
+                "negative": lambda n: cache([spec.negative_prompt] * n)[0], "init_image": load_init_image(spec)}
+
+    def fuse(self, states, prompts):
+        import torch
+
+        cond = torch.cat([state["embeds"](p) for state, p in zip(states, prompts)])
+        uncond = torch.cat([state["negative"](len(p)) for state, p in zip(states, prompts)])
+        return {"embeds": lambda _: cond, "negative": lambda _: uncond, "init_image": states[0]["init_image"]}
 
     def sample(self, components, scheduler, spec, prompts, generators, state, timer, tally):
-        embeds = state["embeds"]
-        return sample_text_to_image(components.denoiser, components.vae, scheduler, spec, embeds(prompts),
-                                    embeds([spec.negative_prompt] * len(prompts)), generators, timer=timer,
+        return sample_text_to_image(components.denoiser, components.vae, scheduler, spec, state["embeds"](prompts),
+                                    state["negative"](len(prompts)), generators, timer=timer,
                                     init_image=state["init_image"], tally=tally)
 
     def warm_up(self, components, spec, batch_size):
@@ -84,7 +92,9 @@ class StableDiffusion(Family):
 def uses_cfg(unet, guidance: float) -> bool:
     """Classifier-free guidance runs an unconditional pass beside the conditional one, as the pipeline decides; a
     UNet with `time_cond_proj_dim` (LCM-style, guidance-distilled) takes guidance as an embedding instead."""
-    return guidance > 1 and unet.config.time_cond_proj_dim is None
+    from runner.sampling import guided_any
+
+    return guided_any(guidance) and unet.config.time_cond_proj_dim is None
 
 
 def check_guidance_embedded(spec) -> None:
@@ -120,8 +130,8 @@ def sample_text_to_image(unet, vae, scheduler, spec, cond_embeds, uncond_embeds,
 
     from runner.ksampling import is_k
     from runner.ksampling import sample as k_sample
-    from runner.sampling import (denoise, guidance_condition, img2img_start, latent_scale, set_schedule, step_kwargs,
-                                 timed, to_uint8)
+    from runner.sampling import (combine_cfg, denoise, guidance_condition, img2img_start, latent_scale, set_schedule,
+                                 step_kwargs, timed, to_uint8)
 
     with torch.no_grad():
         # The embeddings sit on the execution device, also under model CPU offload (where unet.device says "cpu").
@@ -136,10 +146,7 @@ def sample_text_to_image(unet, vae, scheduler, spec, cond_embeds, uncond_embeds,
             rows = torch.cat([model_input, model_input]) if use_cfg else model_input
             noise_pred = unet(rows, torch.cat([t, t]) if use_cfg and t.ndim else t, encoder_hidden_states=embeds,
                               timestep_cond=timestep_cond, return_dict=False)[0]
-            if not use_cfg:
-                return noise_pred
-            noise_uncond, noise_cond = noise_pred.chunk(2)
-            return noise_uncond + spec.guidance * (noise_cond - noise_uncond)
+            return combine_cfg(noise_pred, spec.guidance) if use_cfg else noise_pred
 
         scale = latent_scale(vae.config)
         shape = (len(generators), unet.config.in_channels, spec.height // scale, spec.width // scale)

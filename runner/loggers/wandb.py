@@ -510,7 +510,7 @@ def call(name: str, *args, in_background: bool) -> None:
 
 def leave_background() -> None:
     """On Ctrl-C, before the sweep's process exits at once: the logger process writes the runs already handed to
-    it, then stops, on its own (a run it never got is written when the sweep is resumed). The queues' named
+    it, then stops on its own (a run it never got is written when the sweep is resumed). The queues' named
     semaphores are unlinked now (the child keeps its open handles), or multiprocessing's resource tracker would
     warn about them when this process is gone."""
     if _background is None:
@@ -521,9 +521,14 @@ def leave_background() -> None:
 
     _background.left = True
     if _background.started():
-        _background.calls.put(None)
-        _background.calls.close()
-        _background.calls.join_thread()  # the None is in the pipe before this process exits
+        # Runs handed over are in the pipe before this process exits (the child then writes them, and stops once
+        # it finds its parent gone). This runs in a signal handler: if Ctrl-C interrupted this very thread inside
+        # the queue's lock, taking it again would never return, and those runs wait for the resume instead.
+        lock = _background.calls._notempty
+        if lock.acquire(blocking=False):
+            lock.release()
+            _background.calls.close()
+            _background.calls.join_thread()
     else:  # still starting: it holds no run yet, and would not find the queues once unlinked
         _background.process.kill()
         _background.process.join()

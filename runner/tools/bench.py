@@ -10,6 +10,9 @@ Cases, the ways interleaved (a, b, a, b ...) so that machine noise hits them ali
                last W&B run apart, as it comes once per sweep)                       → runner_over_bare
     batched    8 seeds as one runner job vs the same 8 as 8 runner jobs              → batched_over_single
     sweep      12 points (schedulers × guidance × seeds), model load included       → sweep_over_bare
+    fused      the same 12 points, one image each: fused (hydra/launcher=fused's way) vs unfused jobs, vs plain
+               diffusers per image, and vs plain batched calls where images can share one
+                                         → fused_sweep_over_bare, fused_sweep_over_unfused, fused_over_one_batched_call
 
 Writes results/bench/<timestamp>.json; the last printed line is one JSON object with the headline ratios.
 `--unet sd15` builds an SD 1.5-shaped pipeline with random weights from the configs in runner/tools/bench_configs/
@@ -369,6 +372,69 @@ def case_sweep(model_dir, args, work: Path) -> dict:
                    "bare: pipeline loaded once, one call per image"}
 
 
+def case_fused(model_dir, args, work: Path) -> dict:
+    """The same 12-point sweep with one image per point (scheduler × guidance × seed), three ways, model load
+    included in each: unfused (one runner job per point, as `python -m runner -m ...` runs it), fused (the points of
+    each scheduler drawn as one batch by runner.fused, then each point's job records its images, as
+    `hydra/launcher=fused` runs it), and plain diffusers, both per image and batched where images can share a pipeline
+    call (one call per scheduler and guidance, the seeds batched)."""
+    from runner.fused import Point, draw_batch
+
+    schedulers = args.schedulers.split(",")
+    guidances = [float(g) for g in args.guidances.split(",")]
+    seeds = list(range(args.seeds))
+    grid = [(s, g, seed) for s in schedulers for g in guidances for seed in seeds]
+    specs = [runner_spec(model_dir, args, scheduler=s, guidance=g, seed=seed) for s, g, seed in grid]
+    classes = {s: runner_spec(model_dir, args, scheduler=s).scheduler_class for s in schedulers}
+    bare_calls = [(classes[s], runner_spec(model_dir, args, guidance=g, seed=0)) for s in schedulers for g in guidances]
+    unfused_s, fused_s, bare_s, batched_s, fused_batches = [], [], [], [], 0
+    for i in range(max(1, args.repeats // 10)):
+        clear_model_cache()
+        start = clock(args.device)
+        unfused_rows = [row for j, spec in enumerate(specs) for row in run_runner(spec, work / f"unfused-{i}-{j}")[1]]
+        unfused_s.append(clock(args.device) - start)
+
+        clear_model_cache()
+        start = clock(args.device)
+        points = [Point(j, spec, str(work / f"fused-{i}-{j}"), "bench", 0) for j, spec in enumerate(specs)]
+        fused_rows = []
+        for s in schedulers:  # the launcher's groups: one per scheduler, each point's job right after its batch
+            batch = [p for p, (scheduler, _, _) in zip(points, grid) if scheduler == s]
+            fused_batches += draw_batch(batch, schedulers.index(s))
+            fused_rows += [row for p in batch for row in run_runner(p.spec, Path(p.job_dir))[1]]
+        fused_s.append(clock(args.device) - start)
+        if [r["image_sha256"] for r in fused_rows] != [r["image_sha256"] for r in unfused_rows]:
+            raise RuntimeError("a fused point's image differs from the same point drawn alone")
+
+        start = clock(args.device)
+        pipe = load_bare(model_dir, bare_calls[0][1], fast=args.fast)
+        for j, (class_name, spec) in enumerate(bare_calls):
+            run_bare(pipe, spec, class_name, seeds, work / f"bare-{i}-{j}")
+        bare_s.append(clock(args.device) - start)
+        del pipe
+
+        start = clock(args.device)
+        pipe = load_bare(model_dir, bare_calls[0][1], fast=args.fast)
+        for j, (class_name, spec) in enumerate(bare_calls):
+            if class_name:
+                import diffusers
+
+                pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config)
+            run_bare_batch(pipe, spec, seeds, work / f"bare-batched-{i}-{j}")
+        batched_s.append(clock(args.device) - start)
+        del pipe
+    fused = statistics.median(fused_s)
+    return {"points": len(grid), "fused_s": fused_s, "unfused_s": unfused_s, "bare_s": bare_s,
+            "bare_batched_calls_s": batched_s, "fused_batches_drawn": fused_batches,
+            "fused_sweep_over_bare": fused / statistics.median(bare_s),
+            "fused_sweep_over_unfused": fused / statistics.median(unfused_s),
+            "fused_over_one_batched_call": fused / statistics.median(batched_s),
+            "fused_images_identical_to_unfused": True,
+            "how": "one image per point; fused: one batch per scheduler (its guidances and seeds), then each point's "
+                   "job; unfused: one runner job per point; bare: a pipeline call per image; batched calls: one "
+                   "pipeline call per scheduler and guidance, the seeds batched; model load included in every way"}
+
+
 def flops(spec, images: int, seconds: float, prefix: str, sd15: bool) -> dict:
     """Images/s and, for the SD1.5-shaped UNet on a known GPU, model FLOP utilisation."""
     out = {f"{prefix}images_per_s": images / seconds}
@@ -461,7 +527,8 @@ def main(argv=None) -> dict:
             model_dir = build_sd15(work / "sd15", probe.dtype)
         spec = runner_spec(model_dir, args)
         result = {"args": vars(args), "environment": environment(spec), "height": spec.height, "width": spec.width}
-        for name, case in (("per_image", case_per_image), ("batched", case_batched), ("sweep", case_sweep)):
+        for name, case in (("per_image", case_per_image), ("batched", case_batched), ("sweep", case_sweep),
+                           ("fused", case_fused)):
             print(f"case {name} ...", flush=True)
             result[name] = case(model_dir, args, work / name)
             print(json.dumps(result[name], default=str), flush=True)
@@ -469,7 +536,9 @@ def main(argv=None) -> dict:
         finish_background()
     headline = {"runner_over_bare": result["per_image"]["runner_over_bare"],
                 "batched_over_single": result["batched"]["batched_over_single"],
-                "sweep_over_bare": result["sweep"]["sweep_over_bare"]}
+                "sweep_over_bare": result["sweep"]["sweep_over_bare"],
+                **{k: result["fused"][k] for k in ("fused_sweep_over_bare", "fused_sweep_over_unfused",
+                                                   "fused_over_one_batched_call")}}
     result["headline"] = headline
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
