@@ -42,6 +42,7 @@ def sd_scores(pipe, guidance, prompts=None):
     return score_digits(to_uint8(images), [digit_from_prompt(p) for p in prompts])
 
 
+@pytest.mark.slow
 def test_text_conditioned_model_draws_the_prompted_digit(sd_pipe):
     guided, unguided = sd_scores(sd_pipe, 7.5), sd_scores(sd_pipe, 1.0)
     hits = np.mean([s["predicted_digit"] == d for s, d in zip(guided, DIGITS)])
@@ -51,11 +52,13 @@ def test_text_conditioned_model_draws_the_prompted_digit(sd_pipe):
     assert adherence[0] > adherence[1], adherence
 
 
+@pytest.mark.slow
 def test_text_conditioned_model_reads_numerals_too(sd_pipe):
     scores = sd_scores(sd_pipe, 7.5, [digit_prompt(d, numeral=True) for d in DIGITS])
     assert np.mean([s["predicted_digit"] == d for s, d in zip(scores, DIGITS)]) >= 0.7
 
 
+@pytest.mark.slow
 def test_unconditional_model_draws_digits_and_noise_is_not_one():
     from diffusers import DDIMScheduler, DDPMPipeline
 

@@ -137,6 +137,7 @@ def test_a_seed_list_matches_the_pipeline_with_a_generator_list(sd_pipe, tmp_pat
         assert_same_image(image, to_uint8(their_image))
 
 
+@pytest.mark.slow
 def test_euler_a_draws_ddpm_images_and_euler_draws_ddim_images(tmp_path):
     """README: Euler a draws DDPM's images (1/255), Euler draws DDIM's (2/255): on digits-sd, 20 steps, guidance 7.5."""
     def images(option):
