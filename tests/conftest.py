@@ -148,6 +148,18 @@ def small_disk(directory: Path, size: str):
         subprocess.run(["umount", str(directory)])
 
 
+@pytest.fixture
+def model_copy(tmp_path):
+    """A copy of tiny-sd to break (weights, configs) without touching the embedded one."""
+    import shutil
+
+    from runner import embedded_model_path
+
+    target = tmp_path / "model"
+    shutil.copytree(embedded_model_path("tiny-sd"), target)
+    return target
+
+
 def read_png(path) -> np.ndarray:
     from PIL import Image
 

@@ -8,7 +8,6 @@ import pandas as pd
 import pytest
 
 from conftest import compose_config, run_cli, small_disk
-from runner import embedded_model_path
 from runner.checks import ConfigError
 from runner.spec import make_spec
 
@@ -20,13 +19,6 @@ def one_error_line(result) -> str:
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     return lines[0]
-
-
-@pytest.fixture
-def model_copy(tmp_path):
-    target = tmp_path / "model"
-    shutil.copytree(embedded_model_path("tiny-sd"), target)
-    return target
 
 
 # ------------------------------------------------------------------ 10. errors users meet: one line, exit 2

@@ -15,16 +15,8 @@ import pytest
 from PIL import Image
 
 from conftest import compose_config, run_cli, run_job_in, small_disk
-from runner import embedded_model_path
 from runner.checks import ConfigError
 from runner.spec import make_spec
-
-
-@pytest.fixture
-def model_copy(tmp_path):
-    target = tmp_path / "model"
-    shutil.copytree(embedded_model_path("tiny-sd"), target)
-    return target
 
 
 @pytest.mark.slow
