@@ -151,12 +151,13 @@ def load_bare(model_dir: str, spec, fast: bool = False):
     return pipe
 
 
-def run_bare_batch(pipe, spec, seeds, out_dir: Path) -> float:
-    """The user's batched call: one pipeline call, one generator per image."""
+def run_bare_batch(pipe, spec, seeds, out_dir: Path, scheduler_class: str | None = None) -> float:
+    """The user's batched call: one pipeline call, one generator per image (scheduler swapped as in run_bare)."""
     import torch
 
     out_dir.mkdir(parents=True, exist_ok=True)
     start = clock(spec.device)
+    swap_scheduler(pipe, scheduler_class)
     images = pipe([spec.prompts[0]] * len(seeds), negative_prompt=[spec.negative_prompt] * len(seeds),
                   num_inference_steps=spec.steps, guidance_scale=spec.guidance, height=spec.height, width=spec.width,
                   generator=[torch.Generator("cpu").manual_seed(s) for s in seeds]).images
@@ -167,19 +168,40 @@ def run_bare_batch(pipe, spec, seeds, out_dir: Path) -> float:
 
 def run_bare(pipe, spec, scheduler_class: str | None, seeds, out_dir: Path) -> float:
     """One pipeline call per image, scheduler swapped by from_config, each image saved."""
-    import diffusers
     import torch
 
     out_dir.mkdir(parents=True, exist_ok=True)
     start = clock(spec.device)
-    if scheduler_class:
-        pipe.scheduler = getattr(diffusers, scheduler_class).from_config(pipe.scheduler.config)
+    swap_scheduler(pipe, scheduler_class)
     for seed in seeds:
         image = pipe(spec.prompts[0], negative_prompt=spec.negative_prompt, num_inference_steps=spec.steps,
                      guidance_scale=spec.guidance, height=spec.height, width=spec.width,
                      generator=torch.Generator("cpu").manual_seed(seed)).images[0]
         image.save(out_dir / f"seed{seed}.png")
     return clock(spec.device) - start
+
+
+def swap_scheduler(pipe, scheduler_class: str | None) -> None:
+    """The pipeline's scheduler as the user swaps it: from_config of the one it has (None: keep it)."""
+    if scheduler_class:
+        import diffusers
+
+        pipe.scheduler = getattr(diffusers, scheduler_class).from_config(pipe.scheduler.config)
+
+
+def bare_sweep_s(model_dir, args, calls: list, seeds, out: str, batched: bool = False) -> float:
+    """Plain diffusers over a sweep's (scheduler class, spec) calls, the pipeline loaded once (its load timed too):
+    one call per image, or with `batched` one call per (scheduler, guidance) with the seeds batched."""
+    start = clock(args.device)
+    pipe = load_bare(model_dir, calls[0][1], fast=args.fast)
+    for j, (class_name, spec) in enumerate(calls):
+        if batched:
+            run_bare_batch(pipe, spec, seeds, Path(f"{out}-{j}"), class_name)
+        else:
+            run_bare(pipe, spec, class_name, seeds, Path(f"{out}-{j}"))
+    seconds = clock(args.device) - start
+    del pipe
+    return seconds
 
 
 def clock(device: str) -> float:
@@ -359,13 +381,7 @@ def case_sweep(model_dir, args, work: Path) -> dict:
         for j, spec in enumerate(runner_specs):
             run_runner(spec, work / f"sweep-{i}-{j}")
         runner_s.append(clock(args.device) - start)
-
-        start = clock(args.device)
-        pipe = load_bare(model_dir, bare_points[0][1], fast=args.fast)
-        for j, (class_name, spec) in enumerate(bare_points):
-            run_bare(pipe, spec, class_name, seeds, work / f"bare-sweep-{i}-{j}")
-        bare_s.append(clock(args.device) - start)
-        del pipe
+        bare_s.append(bare_sweep_s(model_dir, args, bare_points, seeds, str(work / f"bare-sweep-{i}")))
     return {"points": points, "runner_s": runner_s, "bare_s": bare_s,
             "sweep_over_bare": statistics.median(runner_s) / statistics.median(bare_s),
             "how": "runner: one job per (scheduler, guidance) with the seeds batched, model loaded once by its cache; "
@@ -406,23 +422,8 @@ def case_fused(model_dir, args, work: Path) -> dict:
         if [r["image_sha256"] for r in fused_rows] != [r["image_sha256"] for r in unfused_rows]:
             raise RuntimeError("a fused point's image differs from the same point drawn alone")
 
-        start = clock(args.device)
-        pipe = load_bare(model_dir, bare_calls[0][1], fast=args.fast)
-        for j, (class_name, spec) in enumerate(bare_calls):
-            run_bare(pipe, spec, class_name, seeds, work / f"bare-{i}-{j}")
-        bare_s.append(clock(args.device) - start)
-        del pipe
-
-        start = clock(args.device)
-        pipe = load_bare(model_dir, bare_calls[0][1], fast=args.fast)
-        for j, (class_name, spec) in enumerate(bare_calls):
-            if class_name:
-                import diffusers
-
-                pipe.scheduler = getattr(diffusers, class_name).from_config(pipe.scheduler.config)
-            run_bare_batch(pipe, spec, seeds, work / f"bare-batched-{i}-{j}")
-        batched_s.append(clock(args.device) - start)
-        del pipe
+        bare_s.append(bare_sweep_s(model_dir, args, bare_calls, seeds, str(work / f"bare-{i}")))
+        batched_s.append(bare_sweep_s(model_dir, args, bare_calls, seeds, str(work / f"bare-batched-{i}"), batched=True))
     fused = statistics.median(fused_s)
     return {"points": len(grid), "fused_s": fused_s, "unfused_s": unfused_s, "bare_s": bare_s,
             "bare_batched_calls_s": batched_s, "fused_batches_drawn": fused_batches,
