@@ -149,7 +149,7 @@ def _draw(points: list[Point], group_id: int) -> dict:
 
     from runner.draw import load_and_warm_up
     from runner.families import by_name
-    from runner.sampling import Tally
+    from runner.sampling import Tally, uses_cfg
     from runner.timing import Timer
 
     spec, family = points[0].spec, by_name(points[0].spec.family)
@@ -163,8 +163,8 @@ def _draw(points: list[Point], group_id: int) -> dict:
                         [[prompt for prompt, _ in p.plan] for p in points])
     generators = [torch.Generator("cpu").manual_seed(seed) for p in points for _, seed in p.plan]
     tally = Tally()
-    cfg = [family.uses_cfg(components, p.spec.guidance) for p in points]
-    units = row_units(points, cfg, family.uses_cfg(components, guidance))
+    cfg = [uses_cfg(components.denoiser, p.spec.guidance) for p in points]
+    units = row_units(points, cfg, uses_cfg(components.denoiser, guidance))
     with timer("sample"), split_rows(units).over(components.denoiser, components.vae):
         images, latents = family.sample(components, scheduler, batch_spec, prompts, generators, state, timer, tally)
     wall, total, out, first = time.perf_counter() - start, len(prompts), {}, 0

@@ -107,10 +107,12 @@ def guidance_condition(unet, guidance: float, rows: int, device, dtype):
     return guidance_embedding(w, unet.config.time_cond_proj_dim).to(device=device, dtype=dtype)
 
 
-def guided_any(guidance) -> bool:
-    """Whether a batch runs classifier-free guidance: its guidance, or any image's where each image has its own
-    (a fused sweep's batch, runner.fused: a tuple, one scale per image)."""
-    return max(guidance) > 1 if isinstance(guidance, tuple) else guidance > 1
+def uses_cfg(denoiser, guidance) -> bool:
+    """Whether a batch runs an unconditional pass beside the conditional one, as the pipelines decide: guidance > 1,
+    or any image's where each image has its own (a fused sweep's batch, runner.fused: a tuple, one scale per image);
+    a UNet with `time_cond_proj_dim` (LCM-style, guidance-distilled) takes guidance as an embedding instead."""
+    guided = max(guidance) > 1 if isinstance(guidance, tuple) else guidance > 1
+    return guided and getattr(denoiser.config, "time_cond_proj_dim", None) is None
 
 
 def combine_cfg(noise_pred, guidance, adjust=None):

@@ -82,12 +82,6 @@ class Family:
         computed by its own state from `prompts[i]`, its images' prompts, as its own batch would, then stacked."""
         raise NotImplementedError
 
-    def uses_cfg(self, components: Components, guidance) -> bool:
-        """Whether a batch with this guidance (a scale, or one per image) runs an unconditional pass."""
-        from runner.sampling import guided_any
-
-        return guided_any(guidance) and getattr(components.denoiser.config, "time_cond_proj_dim", None) is None
-
     def warm_up(self, components: Components, spec, batch_size: int) -> None:
         """One denoiser forward with the shapes a batch of `batch_size` images uses (CUDA init, compiling)."""
         raise NotImplementedError

@@ -184,13 +184,13 @@ class SDXL(Family):
 
         from runner.ksampling import is_k
         from runner.ksampling import sample as k_sample
-        from runner.sampling import (combine_cfg, denoise, guidance_condition, guided_any, latent_scale, set_schedule,
-                                     step_kwargs, to_uint8)
+        from runner.sampling import (combine_cfg, denoise, guidance_condition, latent_scale, set_schedule, step_kwargs,
+                                     to_uint8, uses_cfg)
 
         unet, vae = components.denoiser, components.vae
         embeds = state if state is not None else self.prepare(components, spec, timer)
         device, dtype, n = spec.device, embeds.dtype, len(generators)
-        use_cfg = guided_any(spec.guidance) and unet.config.time_cond_proj_dim is None
+        use_cfg = uses_cfg(unet, spec.guidance)
         rescale = float(_options(spec).get("guidance_rescale") or 0.0)
 
         # 1. conditioning: [uncond; cond] rows under CFG, as the pipeline orders them
@@ -258,9 +258,9 @@ class SDXL(Family):
         from runner.sampling import latent_scale
 
         unet, c = components.denoiser, components
-        from runner.sampling import guided_any
+        from runner.sampling import uses_cfg
 
-        rows = batch_size * (2 if guided_any(spec.guidance) and unet.config.time_cond_proj_dim is None else 1)
+        rows = batch_size * (2 if uses_cfg(unet, spec.guidance) else 1)
         scale, dtype = latent_scale(c.vae.config), torch_dtype(spec.dtype)
         # A private generator: the warm-up must not move the global RNG (nor, of course, the images' generators).
         g = torch.Generator("cpu").manual_seed(0)

@@ -76,7 +76,7 @@ class StableDiffusion(Family):
         from runner.sampling import latent_scale
 
         unet, dtype, device = components.denoiser, torch_dtype(spec.dtype), spec.device
-        from runner.sampling import guidance_condition
+        from runner.sampling import guidance_condition, uses_cfg
 
         rows = batch_size * (2 if uses_cfg(unet, spec.guidance) else 1)
         scale = latent_scale(components.vae.config)
@@ -87,14 +87,6 @@ class StableDiffusion(Family):
         with torch.no_grad():
             unet(x, torch.tensor(1, device=device), encoder_hidden_states=embeds,
                  timestep_cond=guidance_condition(unet, spec.guidance, rows, device, dtype), return_dict=False)
-
-
-def uses_cfg(unet, guidance: float) -> bool:
-    """Classifier-free guidance runs an unconditional pass beside the conditional one, as the pipeline decides; a
-    UNet with `time_cond_proj_dim` (LCM-style, guidance-distilled) takes guidance as an embedding instead."""
-    from runner.sampling import guided_any
-
-    return guided_any(guidance) and unet.config.time_cond_proj_dim is None
 
 
 def check_guidance_embedded(spec) -> None:
@@ -131,7 +123,7 @@ def sample_text_to_image(unet, vae, scheduler, spec, cond_embeds, uncond_embeds,
     from runner.ksampling import is_k
     from runner.ksampling import sample as k_sample
     from runner.sampling import (combine_cfg, denoise, guidance_condition, img2img_start, latent_scale, set_schedule,
-                                 step_kwargs, timed, to_uint8)
+                                 step_kwargs, timed, to_uint8, uses_cfg)
 
     with torch.no_grad():
         # The embeddings sit on the execution device, also under model CPU offload (where unet.device says "cpu").
