@@ -47,6 +47,7 @@ class SweepResults(Callback):
         self.distribution_min_images = distribution_min_images
         self.reference = reference
         self.auto_reference = dict(steps=reference_steps, tolerance_db=reference_tolerance_db, cache=reference_cache)
+        self.multirun_yaml_redacted = False  # once per process: the sweeper wrote it before the first job
 
     def on_run_start(self, config: DictConfig, **kwargs) -> None:
         from runner.jobdir import remember_before
@@ -94,16 +95,14 @@ class SweepResults(Callback):
         from hydra.core.hydra_config import HydraConfig
         from hydra.types import RunMode
 
-        from runner.context import redact_yaml
-        from runner.record import atomic_write_bytes
+        from runner.context import redact_yaml_file
 
         hydra_cfg = HydraConfig.get()
         path = Path(hydra_cfg.sweep.dir) / "multirun.yaml"
-        if hydra_cfg.mode != RunMode.MULTIRUN or not path.is_file():
+        if self.multirun_yaml_redacted or hydra_cfg.mode != RunMode.MULTIRUN or not path.is_file():
             return
-        text = path.read_text()
-        if redact_yaml(text) != text:
-            atomic_write_bytes(path, redact_yaml(text).encode())
+        redact_yaml_file(path)
+        self.multirun_yaml_redacted = True
 
     def remember_sweep_dir(self, sweep_dir: Path) -> None:
         """Before a dry run's jobs: what the sweep dir and its job dirs hold, so that each job and the end of the

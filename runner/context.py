@@ -57,6 +57,16 @@ def redact_yaml(text: str) -> str:
     return redact_text(SECRET_YAML_LINE.sub(lambda m: f"{m.group('key')} '{REDACTED}'", text))
 
 
+def redact_yaml_file(path) -> None:
+    """Rewrite a YAML file Hydra saved with its secret-looking values *** (left as it is when it has none)."""
+    from runner.record import atomic_write_bytes
+
+    text = path.read_text()
+    redacted = redact_yaml(text)
+    if redacted != text:
+        atomic_write_bytes(path, redacted.encode())
+
+
 @dataclass(frozen=True)
 class JobContext:
     """The columns runner.columns.CONTEXT_COLUMNS of every row a job writes."""

@@ -219,7 +219,7 @@ def keep_hydra_settings(saved_dir: Path | None) -> None:
     Add our settings back; Hydra strips the node from the job's config again, so the config hash is unchanged.
     Secret-looking values typed on the command line (+db_password=...) are *** in every file Hydra saved there:
     the runner reads no such key, and the hash counts them as ***."""
-    from runner.context import redact_yaml
+    from runner.context import redact_yaml_file
     from runner.record import atomic_write_bytes
 
     path = saved_dir / "config.yaml" if saved_dir else None
@@ -230,6 +230,4 @@ def keep_hydra_settings(saved_dir: Path | None) -> None:
         saved.hydra = OmegaConf.load(CONF_DIR / "config.yaml").hydra
         atomic_write_bytes(path, OmegaConf.to_yaml(saved).encode())
     for saved_file in saved_dir.glob("*.yaml"):
-        text = saved_file.read_text()
-        if redact_yaml(text) != text:
-            atomic_write_bytes(saved_file, redact_yaml(text).encode())
+        redact_yaml_file(saved_file)
