@@ -151,6 +151,19 @@ def _settings(wandb, timeout_s: float):
                           disable_code=True, save_code=False, console="off", silent=True, x_save_requirements=False)
 
 
+def no_usage_analytics() -> None:
+    """W&B's SDK sends its own usage analytics (OpenTelemetry) to the server from threads that a process waits for
+    at exit: where the server accepts connections and never answers, that was a probe and a flush of 10 s each
+    after an online init had already fallen back to offline. Like the system metrics above, off: the runs carry
+    what the runner logs. The switch is in a W&B module that is not public API; without it, only the wait comes
+    back. (W&B's service process posts once more on its own, and gives up after 2 s.)"""
+    try:
+        from wandb.analytics.opentelemetry.opentelemetry_proxy import disable
+    except ImportError:
+        return
+    disable()
+
+
 def init_run(options: dict, **kwargs):
     """wandb.init that never prompts and never hangs: online failures fall back to offline with one warning."""
     import wandb
@@ -163,6 +176,7 @@ def init_run(options: dict, **kwargs):
         del os.environ["WANDB_MODE"]  # wandb refuses an empty mode
     # Tables' media are staged in W&B's data dir: keep them with the offline runs, so syncing the dir loses nothing
     os.environ.setdefault("WANDB_DATA_DIR", str(Path(kwargs["dir"]) / "wandb" / "data"))
+    no_usage_analytics()
     common = dict(project=options.get("project"), entity=options.get("entity"), reinit="finish_previous",
                   settings=_settings(wandb, float(options.get("init_timeout_s", 30))), **kwargs)
     try:
