@@ -2,8 +2,6 @@
 rows, schedules with log-SNR, W&B, dry run, reproduce, resume and the report."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
@@ -16,11 +14,6 @@ from runner.digits import digit_prompt
 from wandb_records import read_run
 
 DIGIT_PROMPTS = "prompt=[" + ",".join(digit_prompt(d) for d in range(10)) + "]"
-
-
-def run_module(module, *args, cwd):
-    return subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, capture_output=True, text=True,
-                          timeout=300)
 
 
 def test_training_attention_stands_for_the_pipelines_zero_tokens():
@@ -111,9 +104,13 @@ def test_digits_flow_sweeps_schedulers_steps_and_shift(tmp_path):
 
 
 @pytest.mark.slow
-def test_tiny_sd3_sweep_logs_dry_runs_reproduces_resumes_and_reports(tmp_path):
+def test_tiny_sd3_sweep_logs_dry_runs_reproduces_resumes_and_reports(tmp_path, capsys):
     """The parts around the loop work for a flow family unchanged: W&B (with log-SNR), dry run, reproduce, resume
-    and the report (with its log-SNR chart)."""
+    and the report (with its log-SNR chart). Reproduce and the report run in this process, through their main():
+    the same code as `python -m runner.reproduce|report`, without two more processes' imports."""
+    import runner.report
+    import runner.reproduce
+
     sweep = tmp_path / "sweep"
     args = ("-m", "model=tiny-sd3", "scheduler=flow_euler,flow_unipc", "steps=3", "sampling.progress=false",
             f"hydra.sweep.dir={sweep}")
@@ -135,10 +132,10 @@ def test_tiny_sd3_sweep_logs_dry_runs_reproduces_resumes_and_reports(tmp_path):
     assert dry.returncode == 0, dry.stderr
     assert "total: 2 image(s), about " in dry.stdout and not (tmp_path / "dry").exists()
 
-    # reproduce: every image again, identical
-    again = run_module("runner.reproduce", sweep, "--out", tmp_path / "again", cwd=tmp_path)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "2/2 job(s) reproduced identically" in again.stdout
+    # reproduce: every image again, identical (on the thread count each job recorded)
+    capsys.readouterr()
+    assert runner.reproduce.main([str(sweep), "--out", str(tmp_path / "again")]) == 0
+    assert "2/2 job(s) reproduced identically" in capsys.readouterr().out
 
     # resume: the same command into the same sweep dir skips both jobs and redraws nothing
     images = sorted(sweep.glob("*/images/*.png"))
@@ -150,8 +147,7 @@ def test_tiny_sd3_sweep_logs_dry_runs_reproduces_resumes_and_reports(tmp_path):
     assert len(pd.read_parquet(sweep / "results.parquet")) == 2
 
     # the report, with log-SNR against the fraction of steps done
-    report = run_module("runner.report", sweep, cwd=tmp_path)
-    assert report.returncode == 0, report.stderr
+    assert runner.report.main([str(sweep)]) == 0
     page = (sweep / "report" / "report.html").read_text()
     assert "log-SNR vs fraction of steps" in page and '"log_snr"' in page  # the schedule chart's switch, its data
 

@@ -1,6 +1,8 @@
 """Quality against cost, with confidence: bootstrap CIs, the frontier, distribution metrics, converged references,
 the frontier figure and table, and the multi-objective search (README "Quality against cost")."""
 
+import shutil
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -258,10 +260,10 @@ def test_optimize_names_are_checked(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_search_into_a_used_sweep_dir_is_refused_even_appended(tmp_path):
+def test_a_search_into_a_used_sweep_dir_is_refused_even_appended(small_sweep, tmp_path):
     pytest.importorskip("hydra_plugins.hydra_optuna_sweeper", reason="the search extra: pip install -e '.[search]'")
     sweep = tmp_path / "sweep"
-    assert run_cli("-m", "steps=2", "sampling.progress=false", f"hydra.sweep.dir={sweep}", cwd=tmp_path).returncode == 0
+    shutil.copytree(small_sweep, sweep)  # a used sweep dir: a copy of the shared one (drawn once, kept as it is)
     before = sorted((p, p.stat().st_mtime_ns) for p in sweep.rglob("*") if p.is_file())
     for append in ([], ["+append=true"]):  # a search numbers its trials from 0: it would write over job 0
         result = run_cli("-m", "experiment=nfe_search", "hydra.sweeper.search.n_trials=2", *append,

@@ -30,17 +30,34 @@ def browser():
         browser.close()
 
 
-class Viewer:
-    """A report opened in a new page; `outside` lists every request that left the report's folder."""
+def new_page(browser):
+    return browser.new_page(viewport={"width": 1400, "height": 1000})
 
-    def __init__(self, browser, html):
+
+@pytest.fixture(scope="module")
+def tab(browser):
+    """One page that the tests load their reports into, each as a new document (nothing carries over): a page that
+    has loaded a report loads the next in about a third of the time a new page takes (its renderer is warm)."""
+    page = new_page(browser)
+    yield page
+    page.close()
+
+
+class Viewer:
+    """A report loaded into `page` as a new document; `outside` lists every request that left the report's folder."""
+
+    def __init__(self, page, html):
         self.html, self.data = html, report_data(html)
         self.rows = data_rows(self.data)
-        self.page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        self.folder, self.requests, self.errors = html.parent.as_uri() + "/", [], []
-        self.page.route("**/*", self.intercept)
-        self.page.on("pageerror", lambda error: self.errors.append(str(error)))
-        self.page.goto(html.as_uri())
+        self.page, self.folder, self.requests, self.errors = page, html.parent.as_uri() + "/", [], []
+        # a new navigation, never a reload of the last test's document (a reload restores its form values)
+        page.goto("about:blank")
+        page.route("**/*", self.intercept)
+        page.on("pageerror", self.error)
+        page.goto(html.as_uri())
+
+    def error(self, error):
+        self.errors.append(str(error))
 
     def intercept(self, route):
         url = route.request.url
@@ -77,8 +94,10 @@ class Viewer:
         raise AssertionError(f"no cell with {values}")
 
     def close(self):
+        """Lets go of the page (the next test loads its report into it), then checks what this one saw."""
+        self.page.unroute("**/*")
+        self.page.remove_listener("pageerror", self.error)
         assert self.errors == [] and self.outside == []
-        self.page.close()
 
 
 @pytest.fixture(scope="module")
@@ -93,8 +112,8 @@ def report(small_sweep, tmp_path_factory):
 
 
 @pytest.fixture
-def viewer(browser, report):
-    opened = Viewer(browser, report)
+def viewer(tab, report):
+    opened = Viewer(tab, report)
     yield opened
     opened.close()
 
@@ -235,14 +254,14 @@ def test_ab_compare_side_by_side_wipe_flicker_and_difference(viewer):
     assert page.locator("#vp-b .stack").evaluate("s => s.style.filter") == "brightness(16)"
 
 
-def test_compare_the_same_cell_of_two_sweeps(browser, small_sweep, tmp_path):
+def test_compare_the_same_cell_of_two_sweeps(tab, small_sweep, tmp_path):
     from runner import results
     from runner.report import write_report
 
     other = tmp_path / "other"
     shutil.copytree(small_sweep, other)
     html = write_report(results.load(small_sweep, other), tmp_path / "both")
-    viewer = Viewer(browser, html)
+    viewer = Viewer(tab, html)
     page = viewer.page
     assert page.locator("#axis-x").input_value() == "sweep"
     locator, cell = viewer.cell(sweep="sweep", scheduler="ddim", steps=2, seed=0)  # seed: a filter, at 0
@@ -338,7 +357,7 @@ def test_a_thousand_image_sweep_opens_and_switches_axes(browser, tmp_path):
     start = time.perf_counter()
     html = write_report(df, tmp_path / "sweep" / "report")
     written = time.perf_counter() - start
-    viewer = Viewer(browser, html)
+    viewer = Viewer(new_page(browser), html)  # a page of its own: the time it prints is a first open's, as a user's
     page = viewer.page
     assert len(viewer.rows) == 1000 and page.locator("#grid td.cell img").count() == 1000
     first_image = page.evaluate("""new Promise(resolve => {
@@ -360,3 +379,4 @@ def test_a_thousand_image_sweep_opens_and_switches_axes(browser, tmp_path):
           f"after navigation start; "
           f"axis switch {statistics.median(switches):.0f} ms median ({', '.join(f'{s:.0f}' for s in switches)} ms)")
     viewer.close()
+    page.close()

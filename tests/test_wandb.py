@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from contextlib import contextmanager, suppress
 
 import pandas as pd
@@ -266,15 +267,34 @@ def test_a_wandb_error_never_fails_the_job(tmp_path):
 
 
 @pytest.mark.slow
-def test_sweep_logs_in_line_where_torch_takes_every_core(tmp_path):
-    # no core free: a logger process would stall torch's threads, so each job writes its run itself
+def test_sweep_logs_in_line_where_torch_takes_every_core_a_failed_job_run_says_so_and_a_rerun_resumes_it(tmp_path):
+    # No core free: a logger process would stall torch's threads, so each job writes its run itself. Job 0 fails on
+    # purpose the first time. (One sweep run twice checks both: each CLI run costs seconds of imports and W&B's start.)
     sweep = tmp_path / "sweep"
-    result = run_cli("-m", "scheduler=ddim,euler", "steps=2", "wandb.mode=offline", "device=cpu",  # a GPU frees a core
-                     f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"OMP_NUM_THREADS": str(CORES)})
-    assert result.returncode == 0, result.stderr
-    assert LOGGER_PROCESS_LINE not in result.stdout + result.stderr
-    names = {read_run(d)["run"].display_name for d in (sweep / "wandb").glob("offline-run-*")}
-    assert names == {"scheduler=ddim", "scheduler=euler", "sweep-summary"}
+    args = ("-m", "scheduler=ddim,euler", "steps=2", "wandb.mode=offline", "device=cpu",  # a GPU frees a core
+            "sampling.progress=false", f"hydra.sweep.dir={sweep}")
+    first = run_cli(*args, cwd=tmp_path, env={"OMP_NUM_THREADS": str(CORES), "RUNNER_FAULT": "0:error"})
+    assert first.returncode == 1
+    assert LOGGER_PROCESS_LINE not in first.stdout + first.stderr
+    failed, = [d for d in (sweep / "wandb").glob("offline-run-*")
+               if read_run(d)["run"].display_name == "scheduler=ddim"]
+    summary = read_run(failed)["summary"]
+    assert summary["status"] == "failed" and summary["images"] == 0
+    assert "fault injected by RUNNER_FAULT" in summary["error"]
+    # requeued (SLURM) or resumed by hand: the same job dir and config, so the same W&B run, resumed; the job that
+    # finished is skipped, and its run not written twice
+    again = run_cli(*args, cwd=tmp_path, env={"OMP_NUM_THREADS": str(CORES), "RUNNER_FAULT": None})
+    assert again.returncode == 0, again.stderr
+    assert LOGGER_PROCESS_LINE not in again.stdout + again.stderr
+    runs = {d: read_run(d) for d in (sweep / "wandb").glob("offline-run-*")}
+    names = Counter(r["run"].display_name for r in runs.values())
+    assert names == {"scheduler=ddim": 2, "scheduler=euler": 1, "sweep-summary": 2}  # a summary per sweep run
+    job_runs = {d: r for d, r in runs.items() if r["run"].display_name == "scheduler=ddim"}
+    assert len({r["run"].run_id for r in job_runs.values()}) == 1
+    resumed = next(r for d, r in job_runs.items() if d != failed)
+    assert resumed["summary"]["status"] == "ok" and resumed["summary"]["images"] == 1
+    row = pd.read_parquet(sweep / "0" / "rows.parquet").iloc[0]
+    assert resumed["run"].run_id == run_id(row.job_dir, row.config_hash)
     assert (pd.read_parquet(sweep / "results.parquet").time_log_s > 0).all()
 
 
@@ -287,26 +307,6 @@ def test_a_dead_logger_process_is_a_warning_not_a_hang(caplog):
     logger.submit("log_sweep", {"mode": "offline"}, "/nonexistent", None, None)
     logger.close()  # returns: the call it was waiting for can no longer come
     assert logger.pending == 0 and "the logger process died; 1 call(s) not made" in caplog.text
-
-
-@pytest.mark.slow
-def test_a_failed_job_run_says_so_and_the_requeued_job_resumes_that_run(tmp_path):
-    args = (f"hydra.run.dir={tmp_path / 'run'}", "steps=2", "wandb.mode=offline", "sampling.progress=false")
-    result = run_cli(*args, cwd=tmp_path, env={"RUNNER_FAULT": "0:error"})
-    assert result.returncode == 1
-    failed, = (tmp_path / "run" / "wandb").glob("offline-run-*")
-    summary = read_run(failed)["summary"]
-    assert summary["status"] == "failed" and summary["images"] == 0
-    assert "fault injected by RUNNER_FAULT" in summary["error"]
-    # requeued (SLURM) or resumed by hand: the same job dir and config, so the same W&B run, resumed
-    again = run_cli(*args, cwd=tmp_path, env={"RUNNER_FAULT": None})
-    assert again.returncode == 0, again.stderr
-    runs = {d: read_run(d) for d in (tmp_path / "run" / "wandb").glob("offline-run-*")}
-    assert len(runs) == 2 and len({r["run"].run_id for r in runs.values()}) == 1
-    resumed = next(r for d, r in runs.items() if d != failed)
-    assert resumed["summary"]["status"] == "ok" and resumed["summary"]["images"] == 1
-    row = pd.read_parquet(tmp_path / "run" / "rows.parquet").iloc[0]
-    assert resumed["run"].run_id == run_id(row.job_dir, row.config_hash)
 
 
 @pytest.mark.slow
