@@ -12,6 +12,10 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # W&B off unless a test turns it on (wandb.mode=offline): it would slow every CLI test
 os.environ.setdefault("WANDB_MODE", "disabled")
+# `python -m runner` processes on one torch thread unless a test sets another count: the embedded models are tiny, one
+# thread draws them as fast, and two threads on two cores spin and stall whenever anything runs beside them (W&B's
+# service, a logger process, SLURM's daemons): 3-4x slower. Tests about threads and cores set OMP_NUM_THREADS.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import runner  # noqa: E402  (registers the config resolvers)
 
@@ -169,8 +173,8 @@ def read_png(path) -> np.ndarray:
 @pytest.fixture(scope="session", autouse=True)
 def one_torch_thread():
     """In-process drawing on one CPU thread: the embedded models are tiny, one thread is as fast (README, Performance),
-    and on a CPU shared with other work several threads are many times slower. `python -m runner` subprocesses keep
-    the environment's setting."""
+    and on a CPU shared with other work several threads are many times slower. `python -m runner` subprocesses take
+    OMP_NUM_THREADS (1 unless the environment or a test sets it; above)."""
     import torch
 
     threads = torch.get_num_threads()
