@@ -88,49 +88,53 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.lau
 
 
 @pytest.mark.slow
-def test_submitit_slurm_sweep_completes_with_every_row(tmp_path, slurm):
-    proc, df = sweep(tmp_path, *SLURM, "scheduler=ddpm,unipc", "guidance=3,7.5", env=slurm.env)
-    assert_each_point_once(df, [(s, g) for s in ("ddpm", "unipc") for g in (3.0, 7.5)])
-    sweep_dir = (tmp_path / "sweep").resolve()  # job_dir: absolute, or relative to the sweep
-    assert all((sweep_dir / row_job).resolve().parent == sweep_dir for row_job in df["job_dir"])
-    # one job array: every job ran as SLURM task <array id>_<job num>
-    logs = sorted(p.name for p in (tmp_path / "sweep" / ".submitit").glob("*/*_log.out"))
-    assert len(logs) == 4 and len({name.split("_")[0] for name in logs}) == 1, logs
-
-
-@pytest.mark.slow
-def test_slurm_preempted_job_is_requeued_and_a_resubmitted_sweep_skips_finished_jobs(tmp_path, slurm):
-
+def test_slurm_sweep_is_one_job_array_with_every_row_a_preempted_job_is_requeued_and_a_resubmit_skips_finished_jobs(
+        tmp_path, slurm):
+    # One sweep serves both checks (each SLURM job pays its own library imports): two jobs, guidance 3 and 7.5, three
+    # images each, submitted as one job array; job 0 is preempted while it draws, job 1 runs beside it undisturbed.
     sweep_dir = tmp_path / "sweep"
-    args = [sys.executable, "-m", "runner", "-m", *SLURM, "hydra.launcher.timeout_min=30", "seed=[0,1,2]", "steps=30",
-            "sampling.batch_size=1", "sampling.progress=false", "device=cpu", f"hydra.sweep.dir={sweep_dir}"]
+    args = [sys.executable, "-m", "runner", "-m", *SLURM, "hydra.launcher.timeout_min=30", "guidance=3,7.5",
+            "seed=[0,1,2]", "steps=30", "sampling.batch_size=1", "sampling.progress=false", "device=cpu",
+            f"hydra.sweep.dir={sweep_dir}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", **slurm.env)
     submit = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     job_log = sweep_dir / "0" / "runner.log"
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + 180  # the two jobs share the node's CPUs
     # the job is drawing its images: its first PNG is written, two are to come. (Not merely started: a signal that
     # lands while it still imports its libraries can interrupt class creation, and the job fails instead.)
     while not any(sweep_dir.glob("0/images/*.png")):
         assert submit.poll() is None and time.monotonic() < deadline, submit.stdout.read() if submit.poll() else "slow"
         time.sleep(0.05)
-    job_id = slurm.run("squeue", "-h", "-o", "%i", check=True).stdout.split()[0]
+    # squeue lists the array's tasks as <array id>_<job num>: job 0's is the one preempted
+    job_id = next(t for t in slurm.run("squeue", "-h", "-o", "%i", check=True).stdout.split() if t.endswith("_0"))
     # what a preemption sends (submitit's own Job._interrupt): SIGTERM, then its requeue signal USR2
     slurm.run("scancel", job_id, "--signal", "SIGTERM", check=True)
     slurm.run("scancel", job_id, "--signal", "USR2", check=True)
     output, _ = submit.communicate(timeout=240)
     assert submit.returncode == 0, output[-3000:]
 
-    submitit_log = next(sweep_dir.glob(".submitit/*/*_log.out")).read_text()
-    assert "this job is preempted" in submitit_log and f"Requeued job {job_id}" in submitit_log, submitit_log
-    assert job_log.read_text().count("[1/1]") == 2  # started, preempted, started again in the same job dir
+    # every row, once, ok: each job's three images
     first = pd.read_parquet(sweep_dir / "results.parquet")
-    assert sorted(first["seed"]) == [0, 1, 2] and (first["status"] == "ok").all()
-    png_times = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("0/images/*.png")}
+    assert sorted(zip(first["guidance"], first["seed"])) == [(g, s) for g in (3.0, 7.5) for s in (0, 1, 2)]
+    assert (first["status"] == "ok").all(), first["error"].tolist()
+    assert first["image_path"].is_unique and first.groupby("job_dir")["guidance"].nunique().tolist() == [1, 1]
+    resolved = sweep_dir.resolve()  # job_dir: absolute, or relative to the sweep
+    assert all((resolved / row_job).resolve().parent == resolved for row_job in first["job_dir"])
+    # one job array: every job ran as SLURM task <array id>_<job num>
+    logs = sorted(p.name for p in (sweep_dir / ".submitit").glob("*/*_log.out"))
+    assert len(logs) == 2 and len({name.split("_")[0] for name in logs}) == 1, logs
+    # job 0 was preempted and requeued into the same job dir
+    submitit_log = next((sweep_dir / ".submitit" / job_id).glob("*_log.out")).read_text()
+    assert "this job is preempted" in submitit_log and f"Requeued job {job_id}" in submitit_log, submitit_log
+    assert job_log.read_text().count("[1/2]") == 2  # started, preempted, started again in the same job dir
+    png_times = {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/images/*.png")}
+    assert len(png_times) == 6
 
     # submitting the same sweep again (what a requeue of a finished job amounts to): nothing is drawn twice
     again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert job_log.read_text().count("already done") == 1
+    assert [(sweep_dir / job / "runner.log").read_text().count("already done") for job in "01"] == [1, 1]
     second = pd.read_parquet(sweep_dir / "results.parquet")
-    assert second["image_sha256"].tolist() == first["image_sha256"].tolist()
-    assert {p: p.stat().st_mtime_ns for p in sweep_dir.glob("0/images/*.png")} == png_times
+    assert sorted(zip(second["image_path"], second["image_sha256"])) == sorted(zip(first["image_path"],
+                                                                                    first["image_sha256"]))
+    assert {p: p.stat().st_mtime_ns for p in sweep_dir.glob("*/images/*.png")} == png_times

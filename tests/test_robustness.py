@@ -74,24 +74,77 @@ def test_config_with_a_forbidden_target_is_refused_before_it_runs(tmp_path):
     assert not marker.exists() and not (tmp_path / "run").exists()
 
 
+# `python -m runner ARGS` with Hydra's clock stopped at one second: its `${now:...}` resolver reads this datetime
+FROZEN_CLOCK = """
+import runpy, sys
+from datetime import datetime
+
+import hydra.core.utils
+
+
+class Frozen(datetime):
+    @classmethod
+    def now(cls, tz=None):
+        return cls(2026, 1, 2, 3, 4, 5)
+
+
+hydra.core.utils.datetime = Frozen
+sys.argv = ["runner", *sys.argv[1:]]
+runpy.run_module("runner", run_name="__main__", alter_sys=True)
+"""
+
+
+# Two sweeps of the same three points, started at once under that clock, each failing its point 1 its own way (an OOM
+# before sampling; a full disk where the point writes its first image): these two processes serve three tests.
+FAULTY_SWEEP = ("-m", "scheduler=ddpm,unipc,lms", "steps=3")
+FAULT_MESSAGES = {"oom": "OutOfMemoryError: CUDA out of memory", "enospc": "No space left on device"}
+
+
+@pytest.fixture(scope="module")
+def faulty_sweeps(tmp_path_factory):
+    """{fault: (the ended process, its stdout and stderr, its sweep dir)}; read only (copy a sweep to resume it)."""
+    cwd = tmp_path_factory.mktemp("faulty_sweeps")
+    started = {}
+    for fault in FAULT_MESSAGES:
+        with open(cwd / f"{fault}.log", "w") as log:  # a file, not a pipe: neither process waits on a full pipe
+            started[fault] = subprocess.Popen([sys.executable, "-c", FROZEN_CLOCK, *FAULTY_SWEEP], cwd=cwd,
+                                              env=dict(os.environ, HF_HUB_OFFLINE="1", RUNNER_FAULT=f"1:{fault}"),
+                                              stdout=log, stderr=subprocess.STDOUT)
+    for process in started.values():
+        process.wait(timeout=300)
+    sweeps = cwd / "results" / "sweeps"
+    return {fault: (p, (cwd / f"{fault}.log").read_text(), sweeps / f"2026-01-02_03-04-05_{p.pid}")
+            for fault, p in started.items()}
+
+
 @pytest.mark.slow
-def test_a_failing_point_is_recorded_and_a_resume_runs_only_it(tmp_path):
-    sweep = tmp_path / "sweep"
-    args = ("-m", "scheduler=ddpm,unipc,lms", "steps=3", f"hydra.sweep.dir={sweep}")
-    failed = run_cli(*args, cwd=tmp_path, env={"RUNNER_FAULT": "1:oom"})
+def test_two_sweeps_started_in_the_same_second_get_their_own_dirs(faulty_sweeps):
+    sweeps = sorted(next(iter(faulty_sweeps.values()))[2].parent.iterdir())
+    assert [s.name for s in sweeps] == sorted(f"2026-01-02_03-04-05_{p.pid}" for p, _, _ in faulty_sweeps.values())
+    for fault, (process, output, sweep) in faulty_sweeps.items():  # each its own three rows, failed its own way
+        assert process.returncode == 1, output[-3000:]
+        table = pd.read_parquet(sweep / "results.parquet").sort_values("job_num")
+        assert list(table.scheduler) == ["ddpm", "unipc", "lms"] and list(table.status) == ["ok", "failed", "ok"]
+        assert FAULT_MESSAGES[fault] in table.error.iloc[1]
+
+
+@pytest.mark.slow
+def test_a_failing_point_is_recorded_and_a_resume_runs_only_it(faulty_sweeps, tmp_path):
+    failed, output, drawn = faulty_sweeps["oom"]
     assert failed.returncode == 1
-    output = failed.stdout + failed.stderr
     assert "failed: scheduler=unipc steps=3: OutOfMemoryError: CUDA out of memory" in output
-    table = pd.read_parquet(sweep / "results.parquet")
+    table = pd.read_parquet(drawn / "results.parquet")
     assert list(table.sort_values("job_num").status) == ["ok", "failed", "ok"]
     assert "OutOfMemoryError: CUDA out of memory" in table.set_index("scheduler").error["unipc"]
-    traceback = (sweep / "1" / "error.txt").read_text()  # the failed point's traceback, in its job dir
+    traceback = (drawn / "1" / "error.txt").read_text()  # the failed point's traceback, in its job dir
     assert traceback.startswith("Traceback") and "OutOfMemoryError: CUDA out of memory" in traceback
-    assert not (sweep / "0" / "error.txt").exists()
+    assert not (drawn / "0" / "error.txt").exists()
+
+    sweep = tmp_path / "sweep"  # resumed in a copy: the other tests read the sweep as the fault left it
+    shutil.copytree(drawn, sweep)
     first_png = next((sweep / "0" / "images").glob("*.png"))
     mtime = first_png.stat().st_mtime_ns
-
-    resumed = run_cli(*args, cwd=tmp_path, env={"RUNNER_FAULT": None})
+    resumed = run_cli(*FAULTY_SWEEP, f"hydra.sweep.dir={sweep}", cwd=tmp_path, env={"RUNNER_FAULT": None})
     assert resumed.returncode == 0, resumed.stderr
     assert (resumed.stdout + resumed.stderr).count("already done") == 2
     table = pd.read_parquet(sweep / "results.parquet")
@@ -114,10 +167,8 @@ def test_an_exit_during_a_library_import_ends_the_job_as_an_exit_not_a_failed_po
 
 
 @pytest.mark.slow
-def test_a_full_disk_fails_the_point_and_keeps_earlier_rows(tmp_path):
-    sweep = tmp_path / "sweep"
-    result = run_cli("-m", "scheduler=ddpm,unipc,lms", "steps=3", f"hydra.sweep.dir={sweep}", cwd=tmp_path,
-                     env={"RUNNER_FAULT": "1:enospc"})
+def test_a_full_disk_fails_the_point_and_keeps_earlier_rows(faulty_sweeps):
+    result, _, sweep = faulty_sweeps["enospc"]
     assert result.returncode == 1
     table = pd.read_parquet(sweep / "results.parquet").sort_values("job_num")
     assert list(table.status) == ["ok", "failed", "ok"]
@@ -210,38 +261,3 @@ def test_sigkill_mid_sweep_then_resume_gives_exactly_the_right_rows(tmp_path):
     for png, (mtime, data) in drawn.items():  # kept, not drawn again: neither rewritten nor changed
         assert png.stat().st_mtime_ns == mtime and png.read_bytes() == data, png
     assert len(set(table.image_sha256)) == 8
-
-
-# `python -m runner ARGS` with Hydra's clock stopped at one second: its `${now:...}` resolver reads this datetime
-FROZEN_CLOCK = """
-import runpy, sys
-from datetime import datetime
-
-import hydra.core.utils
-
-
-class Frozen(datetime):
-    @classmethod
-    def now(cls, tz=None):
-        return cls(2026, 1, 2, 3, 4, 5)
-
-
-hydra.core.utils.datetime = Frozen
-sys.argv = ["runner", *sys.argv[1:]]
-runpy.run_module("runner", run_name="__main__", alter_sys=True)
-"""
-
-
-@pytest.mark.slow
-def test_two_sweeps_started_in_the_same_second_get_their_own_dirs(tmp_path):
-    command = [sys.executable, "-c", FROZEN_CLOCK, "-m", "scheduler=ddpm,unipc", "steps=2", "device=cpu"]
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    processes = [subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-                 for _ in range(2)]
-    for p in processes:
-        assert p.wait(timeout=300) == 0, p.stderr.read()
-    sweeps = sorted((tmp_path / "results" / "sweeps").iterdir())
-    assert [s.name for s in sweeps] == sorted(f"2026-01-02_03-04-05_{p.pid}" for p in processes)  # same second
-    for sweep in sweeps:
-        table = pd.read_parquet(sweep / "results.parquet")
-        assert len(table) == 2 and set(table.scheduler) == {"ddpm", "unipc"} and (table.status == "ok").all()
