@@ -115,12 +115,16 @@ class SlurmCluster:
                               check=check)
 
     def stop(self):
+        # all three told at once, then waited for: each takes a second or two to exit (5 s one after the other)
+        pids = []
         for pid_file in reversed(self.pid_files):  # slurmd, slurmctld, then munged
             try:
                 pid = int(pid_file.read_text())
                 os.kill(pid, signal.SIGTERM)
             except (OSError, ValueError):
                 continue
+            pids.append(pid)
+        for pid in pids:
             for _ in range(100):
                 try:
                     os.kill(pid, 0)

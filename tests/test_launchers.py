@@ -90,16 +90,15 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.gpus_per_node=null", "hydra.lau
 @pytest.mark.slow
 def test_slurm_sweep_is_one_job_array_with_every_row_a_preempted_job_is_requeued_and_a_resubmit_skips_finished_jobs(
         tmp_path, slurm):
-    # One sweep serves both checks (each SLURM job pays its own library imports): two jobs, guidance 3 and 7.5, three
-    # images each, submitted as one job array; job 0 is preempted while it draws, job 1 runs beside it undisturbed.
+    # One sweep serves both checks (each SLURM job pays its own library imports): two jobs of three images, submitted
+    # as one job array. Job 0 (30 steps: slow enough to be caught drawing) is preempted; job 1 (4 steps) runs beside it.
     sweep_dir = tmp_path / "sweep"
-    args = [sys.executable, "-m", "runner", "-m", *SLURM, "hydra.launcher.timeout_min=30", "guidance=3,7.5",
-            "seed=[0,1,2]", "steps=30", "sampling.batch_size=1", "sampling.progress=false", "device=cpu",
-            f"hydra.sweep.dir={sweep_dir}"]
+    args = [sys.executable, "-m", "runner", "-m", *SLURM, "hydra.launcher.timeout_min=30", "steps=30,4", "seed=[0,1,2]",
+            "sampling.batch_size=1", "sampling.progress=false", "device=cpu", f"hydra.sweep.dir={sweep_dir}"]
     env = dict(os.environ, HF_HUB_OFFLINE="1", **slurm.env)
     submit = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     job_log = sweep_dir / "0" / "runner.log"
-    deadline = time.monotonic() + 180  # the two jobs share the node's CPUs
+    deadline = time.monotonic() + 120
     # the job is drawing its images: its first PNG is written, two are to come. (Not merely started: a signal that
     # lands while it still imports its libraries can interrupt class creation, and the job fails instead.)
     while not any(sweep_dir.glob("0/images/*.png")):
@@ -115,9 +114,9 @@ def test_slurm_sweep_is_one_job_array_with_every_row_a_preempted_job_is_requeued
 
     # every row, once, ok: each job's three images
     first = pd.read_parquet(sweep_dir / "results.parquet")
-    assert sorted(zip(first["guidance"], first["seed"])) == [(g, s) for g in (3.0, 7.5) for s in (0, 1, 2)]
+    assert sorted(zip(first["steps"], first["seed"])) == [(n, s) for n in (4, 30) for s in (0, 1, 2)]
     assert (first["status"] == "ok").all(), first["error"].tolist()
-    assert first["image_path"].is_unique and first.groupby("job_dir")["guidance"].nunique().tolist() == [1, 1]
+    assert first["image_path"].is_unique and first.groupby("job_dir")["steps"].nunique().tolist() == [1, 1]
     resolved = sweep_dir.resolve()  # job_dir: absolute, or relative to the sweep
     assert all((resolved / row_job).resolve().parent == resolved for row_job in first["job_dir"])
     # one job array: every job ran as SLURM task <array id>_<job num>

@@ -110,8 +110,13 @@ def faulty_sweeps(tmp_path_factory):
             started[fault] = subprocess.Popen([sys.executable, "-c", FROZEN_CLOCK, *FAULTY_SWEEP], cwd=cwd,
                                               env=dict(os.environ, HF_HUB_OFFLINE="1", RUNNER_FAULT=f"1:{fault}"),
                                               stdout=log, stderr=subprocess.STDOUT)
-    for process in started.values():
-        process.wait(timeout=300)
+    try:
+        for process in started.values():
+            process.wait(timeout=300)
+    finally:  # one that hangs is not left running
+        for process in started.values():
+            if process.poll() is None:
+                process.kill()
     sweeps = cwd / "results" / "sweeps"
     return {fault: (p, (cwd / f"{fault}.log").read_text(), sweeps / f"2026-01-02_03-04-05_{p.pid}")
             for fault, p in started.items()}
