@@ -255,10 +255,9 @@ class SDXL(Family):
         import torch
 
         from runner.precision import torch_dtype
-        from runner.sampling import latent_scale
+        from runner.sampling import latent_scale, uses_cfg
 
         unet, c = components.denoiser, components
-        from runner.sampling import uses_cfg
 
         rows = batch_size * (2 if uses_cfg(unet, spec.guidance) else 1)
         scale, dtype = latent_scale(c.vae.config), torch_dtype(spec.dtype)

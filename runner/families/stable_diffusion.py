@@ -73,10 +73,9 @@ class StableDiffusion(Family):
         import torch
 
         from runner.precision import torch_dtype
-        from runner.sampling import latent_scale
+        from runner.sampling import guidance_condition, latent_scale, uses_cfg
 
         unet, dtype, device = components.denoiser, torch_dtype(spec.dtype), spec.device
-        from runner.sampling import guidance_condition, uses_cfg
 
         rows = batch_size * (2 if uses_cfg(unet, spec.guidance) else 1)
         scale = latent_scale(components.vae.config)
