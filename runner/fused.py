@@ -25,10 +25,10 @@ FREE_FIELDS = ("guidance", "seeds", "prompts", "negative_prompt", "progress")
 
 def group_key(spec) -> str | None:
     """Points with the same key can share a UNet batch; None: this point always draws alone (its family cannot
-    fuse, a k-diffusion sampler, a guidance-embedded UNet, more images than one batch holds)."""
+    fuse, a guidance-embedded UNet, more images than one batch holds)."""
     from runner.families import by_name
 
-    if not by_name(spec.family).fusable or spec.scheduler_backend != "diffusers":
+    if not by_name(spec.family).fusable:
         return None
     if (spec.model_facts or {}).get("guidance_embedded") or len(spec.prompts) * len(spec.seeds) > spec.batch_size:
         return None

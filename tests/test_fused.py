@@ -5,7 +5,8 @@ One fused CLI sweep: tiny-sd and tiny-sdxl, one batch each holding guidance 0.5 
 points that differ in seed, prompt and negative prompt, beside a point the config check refuses. Then the same
 command resumes it after most points were deleted, with their batches made to raise (RUNNER_FAULT=*:fused): those
 points draw alone, and their files must be the ones the fused batch wrote; the points kept are skipped, and
-reproduce (which draws alone) gives a kept one's file again.
+reproduce (which draws alone) gives a kept one's file again. In process, through the compose API: k-diffusion
+samplers and SD3 fuse the same way.
 """
 
 import shutil
@@ -13,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
-
-pytestmark = pytest.mark.slow  # fused sweeps through the CLI
+from conftest import compose_config, run_cli, run_job_in
 
 # One config option per point, so that seed, prompt and negative prompt vary across points without a full product.
 PAIRS = {"a": ("a cat", "", 0), "b": ("a dog", "a cow", 1)}
@@ -45,7 +44,7 @@ def rows_of(sweep):
     return runner.results.load(sweep).sort_values("job_num").reset_index(drop=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module")  # fused sweeps through the CLI: the tests that use it are slow
 def fused_sweep(tmp_path_factory):
     root = tmp_path_factory.mktemp("fused")
     write_pairs(root / "conf")
@@ -61,6 +60,7 @@ def fused_sweep(tmp_path_factory):
     return root, first, fused, again, rows_of(root / "sweep")
 
 
+@pytest.mark.slow
 def test_fused_points_share_a_batch_and_a_refused_point_fails_alone(fused_sweep):
     _, first, df, _, _ = fused_sweep
     assert first.returncode == 1, first.stderr  # the refused points fail the sweep, as without fusion
@@ -78,6 +78,7 @@ def test_fused_points_share_a_batch_and_a_refused_point_fails_alone(fused_sweep)
     assert (ok.time_denoise_s > 0).all() and (ok.time_total_s > ok.time_denoise_s).all()
 
 
+@pytest.mark.slow
 def test_points_drawn_alone_are_the_files_their_fused_batch_wrote(fused_sweep):
     _, _, fused, again, resumed = fused_sweep
     assert again.returncode == 1, again.stderr
@@ -97,6 +98,7 @@ def test_points_drawn_alone_are_the_files_their_fused_batch_wrote(fused_sweep):
         assert latent_sha(row.latent_path) == before.latent_sha[row.job_num], (row.model, row.guidance, row.seed)
 
 
+@pytest.mark.slow
 def test_a_fused_point_reproduces_alone(fused_sweep, tmp_path):
     import runner.reproduce
 
@@ -105,6 +107,7 @@ def test_a_fused_point_reproduces_alone(fused_sweep, tmp_path):
     assert runner.reproduce.main([str(root / "sweep" / job), "--out", str(tmp_path / "again")]) == 0
 
 
+@pytest.mark.slow
 def test_a_dry_run_lists_the_fused_batches(tmp_path):
     result = run_cli("-m", "hydra/launcher=fused", "model=tiny-sd", "scheduler=ddim,euler", "guidance=1,7.5", "seed=0,1",
                      "dry_run=true", f"dry_run_results={tmp_path}", cwd=tmp_path)
@@ -113,3 +116,34 @@ def test_a_dry_run_lists_the_fused_batches(tmp_path):
     assert "group 0: jobs 0 1 2 3: 4 image(s) in one batch" in result.stdout
     assert "group 1: jobs 4 5 6 7: 4 image(s) in one batch" in result.stdout
     assert "total, fused:" in result.stdout and not (tmp_path / "results").exists()
+
+
+# Points that differ in guidance (1: no unconditional pass, beside 7.5), seed, prompt and negative prompt.
+POINTS = ((1.0, 0, "a cat", ""), (7.5, 1, "a dog", "a cow"), (7.5, 0, "a cat", ""))
+
+
+@pytest.mark.parametrize("model, scheduler", [("tiny-sd", "k_dpmpp_2m_sde"), ("tiny-sdxl", "k_euler_a"),
+                                              ("tiny-sd3", "flow_euler_sde")])
+def test_k_diffusion_and_sd3_points_fuse_and_each_image_is_its_point_drawn_alone(model, scheduler, tmp_path):
+    """Stochastic samplers on purpose: each image's noise must come from its own point's generator."""
+    from runner.context import standalone
+    from runner.draw import draw
+    from runner.fused import Point, draw_batch, group
+    from runner.spec import make_spec
+
+    points, alone, contexts = [], [], []
+    for i, (guidance, seed, prompt, negative) in enumerate(POINTS):
+        overrides = (f"model={model}", f"scheduler={scheduler}", "steps=2", f"guidance={guidance}", f"seed={seed}",
+                     f"prompt='{prompt}'", f"negative_prompt='{negative}'")
+        alone.append(run_job_in(tmp_path / f"alone-{i}", *overrides)[0])
+        cfg = compose_config(*overrides, "device=cpu", "sampling.progress=false")
+        contexts.append(standalone(cfg, tmp_path / f"fused-{i}"))
+        points.append(Point(i, make_spec(cfg), contexts[-1].job_dir, contexts[-1].config_hash, i))
+    groups = group(points)
+    assert [[[p.index for p in batch] for batch in batches] for batches in groups] == [[[0, 1, 2]]]
+    assert draw_batch(groups[0][0], 0)
+    for point, context, own in zip(points, contexts, alone):
+        row = draw(point.spec, Path(point.job_dir), context)[0]
+        assert row["status"] == "ok" and row["fused_group"] == 0 and row["fused_batch_size"] == 3
+        assert row["image_sha256"] == own["image_sha256"], (point.index, point.spec.guidance, point.spec.seeds)
+        assert (row["nfe"], row["unet_evals"]) == (own["nfe"], own["unet_evals"])

@@ -17,6 +17,7 @@ class SD3(Family):
     summary = ("2 CLIPTextModelWithProjection (+ optional T5EncoderModel) + SD3Transformer2DModel + AutoencoderKL, "
                "like StableDiffusion3Pipeline")
     flow = True
+    fusable = True
 
     def recognise(self, classes):
         wanted = {"tokenizer": "CLIPTokenizer", "text_encoder": "CLIPTextModelWithProjection",
@@ -63,23 +64,31 @@ class SD3(Family):
         warn_truncated(text["tokenizer"], prompts, text["tokenizer"].model_max_length)
         if text["text_encoder_3"] is not None:
             warn_truncated(text["tokenizer_3"], prompts, T5_TOKENS)
-        return {"embeds": PromptCache(lambda p: encode(components, p, spec.device), timer)}
+        cache = PromptCache(lambda p: encode(components, p, spec.device), timer)
+        return {"embeds": cache, "negative": lambda n: cache([spec.negative_prompt or ""] * n)}
+
+    def fuse(self, states, prompts):
+        import torch
+
+        cond = [state["embeds"](list(p)) for state, p in zip(states, prompts)]
+        negative = [state["negative"](len(p)) for state, p in zip(states, prompts)]
+        cond, negative = (tuple(torch.cat(parts) for parts in zip(*side)) for side in (cond, negative))
+        return {"embeds": lambda _: cond, "negative": lambda _: negative}
 
     def sample(self, components, scheduler, spec, prompts, generators, state, timer, tally):
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
         from runner.flow import apply_model_shift, decode, dynamic_mu, set_timesteps
-        from runner.sampling import latent_scale
-        from runner.sampling import denoise, step_kwargs, to_uint8
+        from runner.sampling import combine_cfg, denoise, latent_scale, step_kwargs, to_uint8, uses_cfg
 
         transformer, vae, device = components.denoiser, components.vae, torch.device(spec.device)
-        use_cfg = spec.guidance > 1
+        use_cfg = uses_cfg(transformer, spec.guidance)  # one scale per image in a fused batch (runner.fused)
         with torch.no_grad():
             # 1. text: the negative prompt's rows first, as the pipeline batches them
             embeds, pooled = state["embeds"](prompts)
             if use_cfg:
-                negative, negative_pooled = state["embeds"]([spec.negative_prompt or ""] * len(prompts))
+                negative, negative_pooled = state["negative"](len(prompts))
                 embeds, pooled = torch.cat([negative, embeds]), torch.cat([negative_pooled, pooled])
             # 2. noise, one latent per generator
             scale = latent_scale(vae.config)
@@ -100,10 +109,7 @@ class SD3(Family):
                 model_input = torch.cat([x, x]) if use_cfg else x
                 velocity = transformer(hidden_states=model_input, timestep=t.expand(model_input.shape[0]),
                                        encoder_hidden_states=embeds, pooled_projections=pooled, return_dict=False)[0]
-                if not use_cfg:
-                    return velocity
-                uncond, cond = velocity.chunk(2)
-                return uncond + spec.guidance * (cond - uncond)
+                return combine_cfg(velocity, spec.guidance) if use_cfg else velocity
 
             latents = denoise(scheduler, latents, scheduler.timesteps, predict_velocity,
                               step_kwargs(scheduler, generators, spec.eta), spec.progress, timer, tally,
@@ -116,11 +122,11 @@ class SD3(Family):
     def warm_up(self, components, spec, batch_size):
         import torch
 
-        from runner.sampling import latent_scale
+        from runner.sampling import latent_scale, uses_cfg
 
         transformer = components.denoiser
         config, scale = transformer.config, latent_scale(components.vae.config)
-        rows = batch_size * (2 if spec.guidance > 1 else 1)
+        rows = batch_size * (2 if uses_cfg(transformer, spec.guidance) else 1)
         tokens = components.text["tokenizer"].model_max_length + T5_TOKENS
         pooled = sum(components.text[k].config.projection_dim for k in ("text_encoder", "text_encoder_2"))
         # zeros: a warm-up draws no random numbers
@@ -147,21 +153,22 @@ def encode(components, prompts: list[str], device):
     zero-padded to T5's width, then T5's tokens (zeros without T5); pooled is both CLIP projections."""
     import torch
 
-    text = components.text
-    dtype = text["text_encoder"].dtype  # the pipeline casts both CLIP outputs to the first encoder's dtype
-    max_length = text["tokenizer"].model_max_length  # the first tokenizer's limit serves both
-    embeds_1, pooled_1 = clip_embeds(text["tokenizer"], text["text_encoder"], prompts, max_length, device, dtype)
-    embeds_2, pooled_2 = clip_embeds(text["tokenizer_2"], text["text_encoder_2"], prompts, max_length, device, dtype)
-    if text["text_encoder_3"] is None:
-        t5 = torch.zeros(len(prompts), T5_TOKENS, components.denoiser.config.joint_attention_dim, device=device,
-                         dtype=dtype)
-    else:
-        ids = text["tokenizer_3"](prompts, padding="max_length", max_length=T5_TOKENS, truncation=True,
-                                  add_special_tokens=True, return_tensors="pt").input_ids
-        t5 = text["text_encoder_3"](ids.to(device))[0].to(dtype=text["text_encoder_3"].dtype, device=device)
-    clip = torch.cat([embeds_1, embeds_2], dim=-1)
-    clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-    return torch.cat([clip, t5], dim=-2), torch.cat([pooled_1, pooled_2], dim=-1)
+    with torch.no_grad():  # grad mode changes T5's kernels: a fused batch encodes outside the loop's no_grad
+        text = components.text
+        dtype = text["text_encoder"].dtype  # the pipeline casts both CLIP outputs to the first encoder's dtype
+        max_length = text["tokenizer"].model_max_length  # the first tokenizer's limit serves both
+        embeds_1, pooled_1 = clip_embeds(text["tokenizer"], text["text_encoder"], prompts, max_length, device, dtype)
+        embeds_2, pooled_2 = clip_embeds(text["tokenizer_2"], text["text_encoder_2"], prompts, max_length, device, dtype)
+        if text["text_encoder_3"] is None:
+            t5 = torch.zeros(len(prompts), T5_TOKENS, components.denoiser.config.joint_attention_dim, device=device,
+                             dtype=dtype)
+        else:
+            ids = text["tokenizer_3"](prompts, padding="max_length", max_length=T5_TOKENS, truncation=True,
+                                      add_special_tokens=True, return_tensors="pt").input_ids
+            t5 = text["text_encoder_3"](ids.to(device))[0].to(dtype=text["text_encoder_3"].dtype, device=device)
+        clip = torch.cat([embeds_1, embeds_2], dim=-1)
+        clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
+        return torch.cat([clip, t5], dim=-2), torch.cat([pooled_1, pooled_2], dim=-1)
 
 
 FAMILY = SD3()
