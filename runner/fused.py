@@ -120,16 +120,17 @@ def unfused_columns() -> dict:
     return dict.fromkeys(FUSED_COLUMNS)
 
 
-def draw_batch(points: list[Point], group_id: int) -> bool:
+def draw_batch(points: list[Point], group_id: int, bit_identical: bool = True) -> bool:
     """Draw one batch of whole points and leave each point's images for its job; False (nothing left) where the
-    drawing raised, so that its points draw alone."""
+    drawing raised, so that its points draw alone. `bit_identical=False` (the bench's measure of what bit identity
+    costs) leaves SplitRows out: each image is then only within the parity tests' 1/255 of its point drawn alone."""
     from runner.exits import exit_in_disguise
     from runner.faults import inject_fault
 
     try:
         for point in points:
             inject_fault(point.job_num, "fused")
-        _predrawn.update(_draw(points, group_id))
+        _predrawn.update(_draw(points, group_id, bit_identical))
         return True
     except Exception as err:
         if (real_exit := exit_in_disguise(err)) is not None:
@@ -142,8 +143,9 @@ def draw_batch(points: list[Point], group_id: int) -> bool:
         return False
 
 
-def _draw(points: list[Point], group_id: int) -> dict:
+def _draw(points: list[Point], group_id: int, bit_identical: bool) -> dict:
     import time
+    from contextlib import nullcontext
 
     import torch
 
@@ -165,7 +167,8 @@ def _draw(points: list[Point], group_id: int) -> dict:
     tally = Tally()
     cfg = [uses_cfg(components.denoiser, p.spec.guidance) for p in points]
     units = row_units(points, cfg, uses_cfg(components.denoiser, guidance))
-    with timer("sample"), split_rows(units).over(components.denoiser, components.vae):
+    split = split_rows(units).over(components.denoiser, components.vae) if bit_identical else nullcontext()
+    with timer("sample"), split:
         images, latents = family.sample(components, scheduler, batch_spec, prompts, generators, state, timer, tally)
     wall, total, out, first = time.perf_counter() - start, len(prompts), {}, 0
     for point, point_cfg in zip(points, cfg):

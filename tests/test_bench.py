@@ -21,7 +21,8 @@ def test_bench_writes_and_prints_the_ratios(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     headline = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(headline) == {"runner_over_bare", "batched_over_single", "sweep_over_bare", "fused_sweep_over_bare",
-                             "fused_sweep_over_unfused", "fused_over_one_batched_call"}
+                             "fused_sweep_over_unfused", "fused_over_one_batched_call",
+                             "fused_without_split_over_bare"}
     assert all(isinstance(v, float) and v > 0 for v in headline.values())
 
     files = list(out.glob("*.json"))
@@ -52,6 +53,8 @@ def test_bench_writes_and_prints_the_ratios(tmp_path):
     assert sweep["points"] == 4 and len(sweep["runner_s"]) == len(sweep["bare_s"]) == 1
     fused = report["fused"]  # 2 schedulers x 1 guidance x 2 seeds: one batch of 2 points per scheduler, drawn fused
     assert fused["points"] == 4 and fused["fused_batches_drawn"] == 2 and fused["fused_images_identical_to_unfused"]
+    assert len(fused["fused_without_split_s"]) == 1  # the same batches without SplitRows, beside them
+    assert 0 <= fused["fused_without_split_max_pixel_diff_vs_unfused"] <= 255
     assert report["environment"]["torch_version"] and report["environment"]["device"] == "cpu"
     assert "runner_mfu" not in per_image  # FLOP utilisation only for the SD1.5-shaped UNet on a known GPU
 

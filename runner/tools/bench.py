@@ -12,7 +12,8 @@ Cases, the ways interleaved (a, b, a, b ...) so that machine noise hits them ali
     sweep      12 points (schedulers × guidance × seeds), model load included       → sweep_over_bare
     fused      the same 12 points, one image each: fused (hydra/launcher=fused's way) vs unfused jobs, vs plain
                diffusers per image, and vs plain batched calls where images can share one
-                                         → fused_sweep_over_bare, fused_sweep_over_unfused, fused_over_one_batched_call
+                                         → fused_sweep_over_bare, fused_sweep_over_unfused, fused_over_one_batched_call,
+               and the same batches without bit identity (no SplitRows) → fused_without_split_over_bare
 
 Writes results/bench/<timestamp>.json; the last printed line is one JSON object with the headline ratios.
 `--unet sd15` builds an SD 1.5-shaped pipeline with random weights from the configs in runner/tools/bench_configs/
@@ -394,8 +395,6 @@ def case_fused(model_dir, args, work: Path) -> dict:
     each scheduler drawn as one batch by runner.fused, then each point's job records its images, as
     `hydra/launcher=fused` runs it), and plain diffusers, both per image and batched where images can share a pipeline
     call (one call per scheduler and guidance, the seeds batched)."""
-    from runner.fused import Point, draw_batch
-
     schedulers = args.schedulers.split(",")
     guidances = [float(g) for g in args.guidances.split(",")]
     seeds = list(range(args.seeds))
@@ -403,24 +402,21 @@ def case_fused(model_dir, args, work: Path) -> dict:
     specs = [runner_spec(model_dir, args, scheduler=s, guidance=g, seed=seed) for s, g, seed in grid]
     classes = {s: runner_spec(model_dir, args, scheduler=s).scheduler_class for s in schedulers}
     bare_calls = [(classes[s], runner_spec(model_dir, args, guidance=g, seed=0)) for s in schedulers for g in guidances]
-    unfused_s, fused_s, bare_s, batched_s, fused_batches = [], [], [], [], 0
+    unfused_s, fused_s, unsplit_s, bare_s, batched_s, fused_batches, unsplit_diff = [], [], [], [], [], 0, 0
     for i in range(max(1, args.repeats // 10)):
         clear_model_cache()
         start = clock(args.device)
         unfused_rows = [row for j, spec in enumerate(specs) for row in run_runner(spec, work / f"unfused-{i}-{j}")[1]]
         unfused_s.append(clock(args.device) - start)
 
-        clear_model_cache()
-        start = clock(args.device)
-        points = [Point(j, spec, str(work / f"fused-{i}-{j}"), "bench", 0) for j, spec in enumerate(specs)]
-        fused_rows = []
-        for s in schedulers:  # the launcher's groups: one per scheduler, each point's job right after its batch
-            batch = [p for p, (scheduler, _, _) in zip(points, grid) if scheduler == s]
-            fused_batches += draw_batch(batch, schedulers.index(s))
-            fused_rows += [row for p in batch for row in run_runner(p.spec, Path(p.job_dir))[1]]
-        fused_s.append(clock(args.device) - start)
+        seconds, fused_rows, drawn = fused_sweep(args, specs, grid, schedulers, work / f"fused-{i}")
+        fused_s.append(seconds)
+        fused_batches += drawn
         if [r["image_sha256"] for r in fused_rows] != [r["image_sha256"] for r in unfused_rows]:
             raise RuntimeError("a fused point's image differs from the same point drawn alone")
+        seconds, unsplit_rows, _ = fused_sweep(args, specs, grid, schedulers, work / f"unsplit-{i}", False)
+        unsplit_s.append(seconds)
+        unsplit_diff = max(unsplit_diff, max_pixel_difference(unsplit_rows, unfused_rows))
 
         bare_s.append(bare_sweep_s(model_dir, args, bare_calls, seeds, str(work / f"bare-{i}")))
         batched_s.append(bare_sweep_s(model_dir, args, bare_calls, seeds, str(work / f"bare-batched-{i}"), batched=True))
@@ -431,9 +427,32 @@ def case_fused(model_dir, args, work: Path) -> dict:
             "fused_sweep_over_unfused": fused / statistics.median(unfused_s),
             "fused_over_one_batched_call": fused / statistics.median(batched_s),
             "fused_images_identical_to_unfused": True,
+            # the same batches without SplitRows: what fusing gives here before bit identity is paid for
+            "fused_without_split_s": unsplit_s,
+            "fused_without_split_over_bare": statistics.median(unsplit_s) / statistics.median(bare_s),
+            "fused_over_fused_without_split": fused / statistics.median(unsplit_s),
+            "fused_without_split_max_pixel_diff_vs_unfused": unsplit_diff,
             "how": "one image per point; fused: one batch per scheduler (its guidances and seeds), then each point's "
                    "job; unfused: one runner job per point; bare: a pipeline call per image; batched calls: one "
-                   "pipeline call per scheduler and guidance, the seeds batched; model load included in every way"}
+                   "pipeline call per scheduler and guidance, the seeds batched; fused without split: the fused batches "
+                   "without SplitRows (images not identical to unfused: their largest pixel difference is given); "
+                   "model load included in every way"}
+
+
+def fused_sweep(args, specs, grid, schedulers, out: Path, bit_identical: bool = True) -> tuple[float, list, int]:
+    """The sweep as `hydra/launcher=fused` runs it, model load included: one batch per scheduler (runner.fused), each
+    point's job right after its batch. (seconds, rows, batches drawn)."""
+    from runner.fused import Point, draw_batch
+
+    clear_model_cache()
+    start = clock(args.device)
+    points = [Point(j, spec, str(out / str(j)), "bench", 0) for j, spec in enumerate(specs)]
+    rows, drawn = [], 0
+    for s in schedulers:
+        batch = [p for p, (scheduler, _, _) in zip(points, grid) if scheduler == s]
+        drawn += draw_batch(batch, schedulers.index(s), bit_identical)
+        rows += [row for p in batch for row in run_runner(p.spec, Path(p.job_dir))[1]]
+    return clock(args.device) - start, rows, drawn
 
 
 def flops(spec, images: int, seconds: float, prefix: str, sd15: bool) -> dict:
@@ -539,7 +558,7 @@ def main(argv=None) -> dict:
                 "batched_over_single": result["batched"]["batched_over_single"],
                 "sweep_over_bare": result["sweep"]["sweep_over_bare"],
                 **{k: result["fused"][k] for k in ("fused_sweep_over_bare", "fused_sweep_over_unfused",
-                                                   "fused_over_one_batched_call")}}
+                                                   "fused_over_one_batched_call", "fused_without_split_over_bare")}}
     result["headline"] = headline
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
