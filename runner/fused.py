@@ -123,7 +123,8 @@ def unfused_columns() -> dict:
 def draw_batch(points: list[Point], group_id: int, bit_identical: bool = True) -> bool:
     """Draw one batch of whole points and leave each point's images for its job; False (nothing left) where the
     drawing raised, so that its points draw alone. `bit_identical=False` (the bench's measure of what bit identity
-    costs) leaves SplitRows out: each image is then only within the parity tests' 1/255 of its point drawn alone."""
+    costs) leaves SplitRows out: an image then differs from its point drawn alone in its last bits, which some
+    samplers amplify over the steps (README, Performance)."""
     from runner.exits import exit_in_disguise
     from runner.faults import inject_fault
 
