@@ -49,7 +49,6 @@ def draw(spec, job_dir: Path, context: JobContext, listener=None) -> list[dict]:
 def draw_plan(spec, job_dir: Path, context: JobContext, plan: list, base: dict, clock) -> tuple[list, list]:
     """Steps 2 to 6 of the recipe: (rows, schedule) of a job whose every image is ok."""
     from runner.families import by_name
-    from runner.sampling import set_schedule
 
     family, timer = by_name(spec.family), clock.timer
     # 2. load, and 3. warm up
@@ -71,7 +70,7 @@ def draw_plan(spec, job_dir: Path, context: JobContext, plan: list, base: dict, 
         rows = add_image_metrics(spec, family, rows, [pictures.get(i) for i in range(len(plan))], job_dir)
     # 6. record the schedule the loop used, and the timings
     if not drawn or predrawn is not None:
-        set_schedule(scheduler, spec)  # nothing was drawn here, so the schedule is set here to record it
+        family.set_schedule(components, scheduler, spec)  # not walked here: set here to record it
     schedule = recorded_schedule(spec, family, scheduler)
     write_table(job_dir / SCHEDULE_FILE, schedule)
     if predrawn is not None:  # its share of the batch's time, split by images

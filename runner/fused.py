@@ -25,10 +25,10 @@ FREE_FIELDS = ("guidance", "seeds", "prompts", "negative_prompt", "progress")
 
 def group_key(spec) -> str | None:
     """Points with the same key can share a UNet batch; None: this point always draws alone (its family cannot
-    fuse, a guidance-embedded UNet, more images than one batch holds)."""
+    fuse it, a guidance-embedded denoiser, more images than one batch holds)."""
     from runner.families import by_name
 
-    if not by_name(spec.family).fusable:
+    if not by_name(spec.family).fusable(spec):
         return None
     if (spec.model_facts or {}).get("guidance_embedded") or len(spec.prompts) * len(spec.seeds) > spec.batch_size:
         return None
@@ -152,7 +152,7 @@ def _draw(points: list[Point], group_id: int, bit_identical: bool) -> dict:
 
     from runner.draw import load_and_warm_up
     from runner.families import by_name
-    from runner.sampling import Tally, uses_cfg
+    from runner.sampling import Tally
     from runner.timing import Timer
 
     spec, family = points[0].spec, by_name(points[0].spec.family)
@@ -166,8 +166,8 @@ def _draw(points: list[Point], group_id: int, bit_identical: bool) -> dict:
                         [[prompt for prompt, _ in p.plan] for p in points])
     generators = [torch.Generator("cpu").manual_seed(seed) for p in points for _, seed in p.plan]
     tally = Tally()
-    cfg = [uses_cfg(components.denoiser, p.spec.guidance) for p in points]
-    units = row_units(points, cfg, uses_cfg(components.denoiser, guidance))
+    cfg = [family.runs_cfg(components, p.spec) for p in points]
+    units = row_units(points, cfg, family.runs_cfg(components, batch_spec))
     split = split_rows(units).over(components.denoiser, components.vae) if bit_identical else nullcontext()
     with timer("sample"), split:
         images, latents = family.sample(components, scheduler, batch_spec, prompts, generators, state, timer, tally)

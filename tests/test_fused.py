@@ -6,7 +6,7 @@ points that differ in seed, prompt and negative prompt, beside a point the confi
 command resumes it after most points were deleted, with their batches made to raise (RUNNER_FAULT=*:fused): those
 points draw alone, and their files must be the ones the fused batch wrote; the points kept are skipped, and
 reproduce (which draws alone) gives a kept one's file again. In process, through the compose API: k-diffusion
-samplers and SD3 fuse the same way.
+samplers, SD3 and Flux fuse the same way.
 """
 
 import shutil
@@ -123,9 +123,13 @@ POINTS = ((1.0, 0, "a cat", ""), (7.5, 1, "a dog", "a cow"), (7.5, 0, "a cat", "
 
 
 @pytest.mark.parametrize("model, scheduler", [("tiny-sd", "k_dpmpp_2m_sde"), ("tiny-sdxl", "k_euler_a"),
-                                              ("tiny-sd3", "flow_euler_sde")])
-def test_k_diffusion_and_sd3_points_fuse_and_each_image_is_its_point_drawn_alone(model, scheduler, tmp_path):
-    """Stochastic samplers on purpose: each image's noise must come from its own point's generator."""
+                                              ("tiny-sd3", "flow_euler_sde"), ("tiny-sd3", "flow_dpmpp_2m"),
+                                              ("tiny-flux", "flow_dpmpp_2m")])
+def test_k_diffusion_and_flow_points_fuse_and_each_image_and_schedule_is_its_point_drawn_alone(model, scheduler,
+                                                                                               tmp_path):
+    """Stochastic samplers, whose noise must come from each point's own generator; flow_dpmpp_2m takes the model's
+    shift (tiny-sd3: 3.0) and, on tiny-flux, a `mu` from the image size: the schedule a fused job records (it walks
+    none itself) must be the one its batch walked."""
     from runner.context import standalone
     from runner.draw import draw
     from runner.fused import Point, draw_batch, group
@@ -147,3 +151,6 @@ def test_k_diffusion_and_sd3_points_fuse_and_each_image_is_its_point_drawn_alone
         assert row["status"] == "ok" and row["fused_group"] == 0 and row["fused_batch_size"] == 3
         assert row["image_sha256"] == own["image_sha256"], (point.index, point.spec.guidance, point.spec.seeds)
         assert (row["nfe"], row["unet_evals"]) == (own["nfe"], own["unet_evals"])
+        schedule = (Path(point.job_dir) / "schedule.csv").read_text()
+        assert schedule == (tmp_path / f"alone-{point.index}" / "schedule.csv").read_text()
+        assert row["shift_mu"] == own["shift_mu"]

@@ -35,3 +35,17 @@ def test_images_of_another_config_are_not_kept(tmp_path):
     assert [tmp_path / r["image_path"] for r in changed] == images  # the same file names, each drawn again
     for path, row, (old_sha, old_mtime) in zip(images, changed, before, strict=True):
         assert row["image_sha256"] == sha(path) != old_sha and path.stat().st_mtime_ns != old_mtime
+
+
+def test_a_flow_job_whose_images_were_all_kept_records_the_schedule_it_drew_with(tmp_path):
+    """Nothing left to draw, so the job sets the schedule only to record it: as its family's loop set it (tiny-flux:
+    the model's shift and a `mu` from the image size), not a plain set_timesteps (which fails there for want of mu)."""
+    overrides = ("model=tiny-flux", "scheduler=flow_dpmpp_2m", "steps=3")
+    first, = run_job_in(tmp_path, *overrides)
+    schedule = (tmp_path / "schedule.csv").read_text()
+    (tmp_path / "rows.parquet").unlink()  # as if the process died after saving its image
+    (tmp_path / "schedule.csv").unlink()
+    again, = run_job_in(tmp_path, *overrides)
+    assert again["status"] == "ok", again["error"]
+    assert again["image_sha256"] == first["image_sha256"] and again["shift_mu"] == first["shift_mu"] is not None
+    assert (tmp_path / "schedule.csv").read_text() == schedule

@@ -45,7 +45,6 @@ class Family:
     has_vae: bool = True      # latent diffusion: the VAE options (slicing, tiling) and CPU offload apply
     flow: bool = False        # flow matching (sigma in [0, 1]) rather than a VP (DDPM-style) schedule
     options_key: str | None = None  # a top-level config node of family options (e.g. "sdxl"), if it has one
-    fusable: bool = False     # sweep points can share its batches (runner.fused): it answers `fuse`
 
     def recognise(self, classes: dict[str, str]) -> bool:
         """Whether a model_index.json ({component: class name}, non-null entries only) is this family's."""
@@ -76,6 +75,23 @@ class Family:
         None for pixel-space models). Pure: no files, no tables, no W&B. `timer(name)` times spans;
         `tally` counts model evaluations (runner.sampling.Tally)."""
         raise NotImplementedError
+
+    def set_schedule(self, components: Components, scheduler, spec) -> None:
+        """Set `scheduler` to the schedule this family's loop walks for `spec`. Its loop calls it, and so does a job
+        that records a schedule it did not walk itself (its images drawn in a fused batch, or all kept on resume)."""
+        from runner.sampling import set_schedule
+
+        set_schedule(scheduler, spec)
+
+    def runs_cfg(self, components: Components, spec) -> bool:
+        """Whether the loop runs an unconditional pass beside the conditional one (two forward passes a step)."""
+        from runner.sampling import uses_cfg
+
+        return uses_cfg(components.denoiser, spec.guidance)
+
+    def fusable(self, spec) -> bool:
+        """Whether this sweep point may share a batch with others like it (runner.fused); then `fuse` answers."""
+        return False
 
     def fuse(self, states: list, prompts: list[list[str]]) -> Any:
         """One batch's state from the states of the sweep points it holds (runner.fused): each point's conditioning

@@ -32,6 +32,10 @@ class Flux(Family):
         return (all(classes.get(k, "").startswith(v) for k, v in wanted.items())
                 and classes["text_encoder"] == "CLIPTextModel" and set(classes) <= set(wanted) | optional)
 
+    def facts(self, read_config):
+        # FLUX.1-dev: guidance goes in as an embedding (not fused: runner.fused; the loop takes one scale)
+        return {"guidance_embedded": bool(read_config("transformer").get("guidance_embeds"))}
+
     def size_rule(self, read_config):
         from runner.sampling import latent_scale
 
@@ -92,20 +96,29 @@ class Flux(Family):
         warn_truncated(text["tokenizer_2"], prompts, tokens)
         return {"embeds": PromptCache(lambda p: encode(components, p, tokens, spec.device), timer)}
 
+    def runs_cfg(self, components, spec):
+        return true_cfg_on(spec)  # `guidance` is never a CFG scale here: an input of FLUX.1-dev, or unused
+
+    def fusable(self, spec):
+        return not true_cfg_on(spec)  # one pass per step: a batch's points differ only in their prompts and noise
+
+    def fuse(self, states, prompts):
+        import torch
+
+        cond = [state["embeds"](list(p)) for state, p in zip(states, prompts)]
+        cond = tuple(torch.cat(parts) for parts in zip(*cond))
+        return {"embeds": lambda _: cond}
+
     def sample(self, components, scheduler, spec, prompts, generators, state, timer, tally):
-        import numpy as np
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        from runner.flow import apply_model_shift, decode, dynamic_mu, latent_image_ids, pack_latents, set_timesteps
-        from runner.flow import unpack_latents
-        from runner.sampling import latent_scale
-        from runner.sampling import denoise, step_kwargs, to_uint8
+        from runner.flow import decode, latent_image_ids, pack_latents, unpack_latents
+        from runner.sampling import denoise, latent_scale, step_kwargs, to_uint8
 
         transformer, vae, device = components.denoiser, components.vae, torch.device(spec.device)
         true_cfg, _ = options(spec)
-        # FluxPipeline runs true CFG for any negative prompt that is not None, the empty one included
-        use_true_cfg = true_cfg > 1 and spec.negative_prompt is not None
+        use_true_cfg = true_cfg_on(spec)
         batch = len(generators)
         with torch.no_grad():
             # 1. text: T5 tokens and CLIP's pooled vector; the text tokens all sit at position 0
@@ -119,18 +132,8 @@ class Flux(Family):
             shape = (batch, transformer.config.in_channels // 4, height, width)
             latents = pack_latents(randn_tensor(shape, generator=generators, device=device, dtype=embeds.dtype))
             image_ids = latent_image_ids(height // 2, width // 2, device, embeds.dtype)
-            # 3. the schedule, as FluxPipeline: sigmas linspace(1, 1/N, N) (the scheduler's own where it spaces flow
-            # sigmas itself), shifted by `mu` from the packed token count where the config asks for dynamic
-            # shifting (elsewhere the pipeline's `mu` goes unused). The caller records `scheduler.runner_mu`.
-            apply_model_shift(scheduler, components.scheduler_config, spec.scheduler_kwargs)
-            sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / spec.steps, spec.steps)
-            mu = None
-            if scheduler.config.get("use_dynamic_shifting", None):
-                mu = dynamic_mu(scheduler.config, latents.shape[1], max_shift_default=1.15)
-            set_timesteps(scheduler, spec.steps, device, sigmas=sigmas, mu=mu)
-            scheduler.runner_mu = mu
-            if hasattr(scheduler, "set_begin_index"):
-                scheduler.set_begin_index(0)
+            # 3. the schedule
+            self.set_schedule(components, scheduler, spec)
             guidance = None
             if transformer.config.guidance_embeds:
                 guidance = torch.full([1], spec.guidance, device=device, dtype=torch.float32).expand(batch)
@@ -157,6 +160,27 @@ class Flux(Family):
             with timer("vae_decode"):
                 images = decode(vae, latents)
         return to_uint8(images), latents
+
+    def set_schedule(self, components, scheduler, spec):
+        """As FluxPipeline: sigmas linspace(1, 1/N, N) (the scheduler's own where it spaces flow sigmas itself),
+        shifted by `mu` from the packed token count where the config asks for dynamic shifting (elsewhere the
+        pipeline's `mu` goes unused). The caller records `scheduler.runner_mu`."""
+        import numpy as np
+
+        from runner.flow import apply_model_shift, dynamic_mu, set_timesteps
+        from runner.sampling import latent_scale
+
+        apply_model_shift(scheduler, components.scheduler_config, spec.scheduler_kwargs)
+        sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / spec.steps, spec.steps)
+        mu = None
+        if scheduler.config.get("use_dynamic_shifting", None):
+            scale = latent_scale(components.vae.config)
+            tokens = (spec.height // (scale * 2)) * (spec.width // (scale * 2))  # packed 2×2 latent patches
+            mu = dynamic_mu(scheduler.config, tokens, max_shift_default=1.15)
+        set_timesteps(scheduler, spec.steps, spec.device, sigmas=sigmas, mu=mu)
+        scheduler.runner_mu = mu
+        if hasattr(scheduler, "set_begin_index"):
+            scheduler.set_begin_index(0)
 
     def warm_up(self, components, spec, batch_size):
         import torch
@@ -192,16 +216,24 @@ def options(spec) -> tuple:
     return merged["true_cfg_scale"], merged["max_sequence_length"]
 
 
+def true_cfg_on(spec) -> bool:
+    """FluxPipeline runs true CFG for any negative prompt that is not None, the empty one included."""
+    return options(spec)[0] > 1 and spec.negative_prompt is not None
+
+
 def encode(components, prompts: list[str], tokens: int, device):
     """(T5 token embeddings, CLIP pooled output) as FluxPipeline.encode_prompt."""
+    import torch
+
     text = components.text
-    clip_ids = text["tokenizer"](prompts, padding="max_length", max_length=text["tokenizer"].model_max_length,
-                                 truncation=True, return_tensors="pt").input_ids
-    pooled = text["text_encoder"](clip_ids.to(device), output_hidden_states=False).pooler_output
-    pooled = pooled.to(dtype=text["text_encoder"].dtype, device=device)
-    t5_ids = text["tokenizer_2"](prompts, padding="max_length", max_length=tokens, truncation=True,
-                                 return_tensors="pt").input_ids
-    embeds = text["text_encoder_2"](t5_ids.to(device), output_hidden_states=False)[0]
+    with torch.no_grad():  # grad mode changes T5's kernels: a fused batch encodes outside the loop's no_grad
+        clip_ids = text["tokenizer"](prompts, padding="max_length", max_length=text["tokenizer"].model_max_length,
+                                     truncation=True, return_tensors="pt").input_ids
+        pooled = text["text_encoder"](clip_ids.to(device), output_hidden_states=False).pooler_output
+        pooled = pooled.to(dtype=text["text_encoder"].dtype, device=device)
+        t5_ids = text["tokenizer_2"](prompts, padding="max_length", max_length=tokens, truncation=True,
+                                     return_tensors="pt").input_ids
+        embeds = text["text_encoder_2"](t5_ids.to(device), output_hidden_states=False)[0]
     return embeds.to(dtype=text["text_encoder_2"].dtype, device=device), pooled
 
 

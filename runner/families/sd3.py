@@ -17,7 +17,6 @@ class SD3(Family):
     summary = ("2 CLIPTextModelWithProjection (+ optional T5EncoderModel) + SD3Transformer2DModel + AutoencoderKL, "
                "like StableDiffusion3Pipeline")
     flow = True
-    fusable = True
 
     def recognise(self, classes):
         wanted = {"tokenizer": "CLIPTokenizer", "text_encoder": "CLIPTextModelWithProjection",
@@ -67,6 +66,9 @@ class SD3(Family):
         cache = PromptCache(lambda p: encode(components, p, spec.device), timer)
         return {"embeds": cache, "negative": lambda n: cache([spec.negative_prompt or ""] * n)}
 
+    def fusable(self, spec):
+        return True
+
     def fuse(self, states, prompts):
         import torch
 
@@ -79,7 +81,7 @@ class SD3(Family):
         import torch
         from diffusers.utils.torch_utils import randn_tensor
 
-        from runner.flow import apply_model_shift, decode, dynamic_mu, set_timesteps
+        from runner.flow import decode
         from runner.sampling import combine_cfg, denoise, latent_scale, step_kwargs, to_uint8, uses_cfg
 
         transformer, vae, device = components.denoiser, components.vae, torch.device(spec.device)
@@ -94,15 +96,8 @@ class SD3(Family):
             scale = latent_scale(vae.config)
             shape = (len(generators), transformer.config.in_channels, spec.height // scale, spec.width // scale)
             latents = randn_tensor(shape, generator=generators, device=device, dtype=embeds.dtype)
-            # 3. the schedule: the scheduler's static `shift`, or `mu` from the image's token count where its
-            # config asks for dynamic shifting. The caller records `scheduler.runner_mu` beside the sigmas.
-            apply_model_shift(scheduler, components.scheduler_config, spec.scheduler_kwargs)
-            mu = None
-            if scheduler.config.get("use_dynamic_shifting", None):
-                patch = transformer.config.patch_size
-                mu = dynamic_mu(scheduler.config, (shape[2] // patch) * (shape[3] // patch), max_shift_default=1.16)
-            set_timesteps(scheduler, spec.steps, device, mu=mu)
-            scheduler.runner_mu = mu
+            # 3. the schedule
+            self.set_schedule(components, scheduler, spec)
 
             # 4. denoise: v_u + w * (v_c - v_u)
             def predict_velocity(x, t):
@@ -118,6 +113,21 @@ class SD3(Family):
             with timer("vae_decode"):
                 images = decode(vae, latents)
         return to_uint8(images), latents
+
+    def set_schedule(self, components, scheduler, spec):
+        """The scheduler's static `shift`, or `mu` from the image's token count where its config asks for dynamic
+        shifting. The caller records `scheduler.runner_mu` beside the sigmas."""
+        from runner.flow import apply_model_shift, dynamic_mu, set_timesteps
+        from runner.sampling import latent_scale
+
+        apply_model_shift(scheduler, components.scheduler_config, spec.scheduler_kwargs)
+        mu = None
+        if scheduler.config.get("use_dynamic_shifting", None):
+            scale, patch = latent_scale(components.vae.config), components.denoiser.config.patch_size
+            tokens = (spec.height // scale // patch) * (spec.width // scale // patch)
+            mu = dynamic_mu(scheduler.config, tokens, max_shift_default=1.16)
+        set_timesteps(scheduler, spec.steps, spec.device, mu=mu)
+        scheduler.runner_mu = mu
 
     def warm_up(self, components, spec, batch_size):
         import torch

@@ -113,7 +113,6 @@ class SDXL(Family):
     summary = ("CLIPTextModel + CLIPTextModelWithProjection + UNet2DConditionModel + AutoencoderKL, "
                "like StableDiffusionXLPipeline")
     options_key = "sdxl"
-    fusable = True
 
     def recognise(self, classes: dict[str, str]) -> bool:
         tokenizers = {"CLIPTokenizer", "CLIPTokenizerFast"}
@@ -163,6 +162,9 @@ class SDXL(Family):
 
     def prepare(self, components: Components, spec, timer):
         return PromptEmbeddings(components, spec, timer)
+
+    def fusable(self, spec):
+        return True
 
     def fuse(self, states, prompts):
         import torch

@@ -10,7 +10,6 @@ class StableDiffusion(Family):
     pipeline = "StableDiffusionPipeline"
     summary = "CLIPTokenizer + CLIPTextModel + UNet2DConditionModel + AutoencoderKL, like StableDiffusionPipeline"
     img2img_pipeline = "StableDiffusionImg2ImgPipeline"
-    fusable = True
 
     def recognise(self, classes):
         wanted = {"tokenizer": "CLIPTokenizer", "text_encoder": "CLIPTextModel", "unet": "UNet2DConditionModel",
@@ -56,6 +55,9 @@ class StableDiffusion(Family):
         cache = PromptCache(lambda prompts: (encode_prompts(tokenizer, text_encoder, prompts),), timer)
         return {"embeds": lambda prompts: cache(prompts)[0],
                 "negative": lambda n: cache([spec.negative_prompt] * n)[0], "init_image": load_init_image(spec)}
+
+    def fusable(self, spec):
+        return True
 
     def fuse(self, states, prompts):
         import torch
