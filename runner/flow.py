@@ -42,6 +42,19 @@ def dynamic_mu(scheduler_config, image_seq_len: int, max_shift_default: float) -
                            get("base_shift", 0.5), get("max_shift", max_shift_default))
 
 
+def set_shifted_schedule(scheduler, model_config: dict, spec, image_tokens: int, max_shift_default: float,
+                         sigmas=None) -> None:
+    """The schedule a flow family's loop walks: the model's shift (apply_model_shift), and `mu` from the image's
+    token count where the scheduler's config asks for dynamic shifting, kept as `scheduler.runner_mu` for the
+    record."""
+    mu = None
+    apply_model_shift(scheduler, model_config, spec.scheduler_kwargs)
+    if scheduler.config.get("use_dynamic_shifting", None):
+        mu = dynamic_mu(scheduler.config, image_tokens, max_shift_default)
+    set_timesteps(scheduler, spec.steps, spec.device, sigmas=sigmas, mu=mu)
+    scheduler.runner_mu = mu
+
+
 def accepts(scheduler, argument: str) -> bool:
     return argument in inspect.signature(scheduler.set_timesteps).parameters
 

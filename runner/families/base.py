@@ -90,8 +90,9 @@ class Family:
         return uses_cfg(components.denoiser, spec.guidance)
 
     def fusable(self, spec) -> bool:
-        """Whether this sweep point may share a batch with others like it (runner.fused); then `fuse` answers."""
-        return False
+        """Whether this sweep point may share a batch with others like it (runner.fused): a family that answers
+        `fuse` fuses its points, unless it says otherwise for this one."""
+        return type(self).fuse is not Family.fuse
 
     def fuse(self, states: list, prompts: list[list[str]]) -> Any:
         """One batch's state from the states of the sweep points it holds (runner.fused): each point's conditioning

@@ -167,18 +167,14 @@ class Flux(Family):
         pipeline's `mu` goes unused). The caller records `scheduler.runner_mu`."""
         import numpy as np
 
-        from runner.flow import apply_model_shift, dynamic_mu, set_timesteps
+        from runner.flow import set_shifted_schedule
         from runner.sampling import latent_scale
 
-        apply_model_shift(scheduler, components.scheduler_config, spec.scheduler_kwargs)
+        scale = latent_scale(components.vae.config)
+        tokens = (spec.height // (scale * 2)) * (spec.width // (scale * 2))  # packed 2×2 latent patches
         sigmas = None if scheduler.config.get("use_flow_sigmas") else np.linspace(1.0, 1 / spec.steps, spec.steps)
-        mu = None
-        if scheduler.config.get("use_dynamic_shifting", None):
-            scale = latent_scale(components.vae.config)
-            tokens = (spec.height // (scale * 2)) * (spec.width // (scale * 2))  # packed 2×2 latent patches
-            mu = dynamic_mu(scheduler.config, tokens, max_shift_default=1.15)
-        set_timesteps(scheduler, spec.steps, spec.device, sigmas=sigmas, mu=mu)
-        scheduler.runner_mu = mu
+        set_shifted_schedule(scheduler, components.scheduler_config, spec, tokens, max_shift_default=1.15,
+                             sigmas=sigmas)
         if hasattr(scheduler, "set_begin_index"):
             scheduler.set_begin_index(0)
 

@@ -66,9 +66,6 @@ class SD3(Family):
         cache = PromptCache(lambda p: encode(components, p, spec.device), timer)
         return {"embeds": cache, "negative": lambda n: cache([spec.negative_prompt or ""] * n)}
 
-    def fusable(self, spec):
-        return True
-
     def fuse(self, states, prompts):
         import torch
 
@@ -117,17 +114,12 @@ class SD3(Family):
     def set_schedule(self, components, scheduler, spec):
         """The scheduler's static `shift`, or `mu` from the image's token count where its config asks for dynamic
         shifting. The caller records `scheduler.runner_mu` beside the sigmas."""
-        from runner.flow import apply_model_shift, dynamic_mu, set_timesteps
+        from runner.flow import set_shifted_schedule
         from runner.sampling import latent_scale
 
-        apply_model_shift(scheduler, components.scheduler_config, spec.scheduler_kwargs)
-        mu = None
-        if scheduler.config.get("use_dynamic_shifting", None):
-            scale, patch = latent_scale(components.vae.config), components.denoiser.config.patch_size
-            tokens = (spec.height // scale // patch) * (spec.width // scale // patch)
-            mu = dynamic_mu(scheduler.config, tokens, max_shift_default=1.16)
-        set_timesteps(scheduler, spec.steps, spec.device, mu=mu)
-        scheduler.runner_mu = mu
+        scale, patch = latent_scale(components.vae.config), components.denoiser.config.patch_size
+        tokens = (spec.height // scale // patch) * (spec.width // scale // patch)
+        set_shifted_schedule(scheduler, components.scheduler_config, spec, tokens, max_shift_default=1.16)
 
     def warm_up(self, components, spec, batch_size):
         import torch

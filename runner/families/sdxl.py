@@ -163,9 +163,6 @@ class SDXL(Family):
     def prepare(self, components: Components, spec, timer):
         return PromptEmbeddings(components, spec, timer)
 
-    def fusable(self, spec):
-        return True
-
     def fuse(self, states, prompts):
         import torch
 

@@ -56,9 +56,6 @@ class StableDiffusion(Family):
         return {"embeds": lambda prompts: cache(prompts)[0],
                 "negative": lambda n: cache([spec.negative_prompt] * n)[0], "init_image": load_init_image(spec)}
 
-    def fusable(self, spec):
-        return True
-
     def fuse(self, states, prompts):
         import torch
 
