@@ -7,6 +7,7 @@ one pass per step; without it (FLUX.1-schnell) `guidance` is unused. `flux.true_
 prompt runs real classifier-free guidance, two passes per step, as FluxPipeline's `true_cfg_scale`.
 """
 
+import functools
 import logging
 
 from runner.families.base import Components, Family
@@ -203,13 +204,18 @@ class Flux(Family):
 def options(spec) -> tuple:
     """(true_cfg_scale, max_sequence_length) from the `flux` config node; its YAML's values where a spec made
     outside Hydra (a test's) leaves them unset."""
+    merged = {**option_defaults(), **{k: v for k, v in (spec.family_options or {}).items() if v is not None}}
+    return merged["true_cfg_scale"], merged["max_sequence_length"]
+
+
+@functools.cache
+def option_defaults() -> dict:
+    """conf/family_options/flux.yaml, read once per process (options() is asked per point and per batch)."""
     from omegaconf import OmegaConf
 
     from runner import CONF_DIR
 
-    defaults = OmegaConf.to_container(OmegaConf.load(CONF_DIR / "family_options" / "flux.yaml"))
-    merged = {**defaults, **{k: v for k, v in (spec.family_options or {}).items() if v is not None}}
-    return merged["true_cfg_scale"], merged["max_sequence_length"]
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "family_options" / "flux.yaml"))
 
 
 def true_cfg_on(spec) -> bool:
